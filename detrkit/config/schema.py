@@ -1,0 +1,196 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Typed experiment configuration: frozen dataclasses validated from YAML and ``--set`` overrides.
+
+Every field has a default reproducing the original DETR code (spec C1); presets in
+``detrkit/configs`` change a few keys. ``config/load.py`` turns YAML into these objects and
+rejects unknown keys and wrong types; ``config/build.py`` is the only place they become modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """ResNet backbone (spec A4).
+
+    Attributes:
+        name: torchvision ResNet variant.
+        dilation: DC5, i.e. layer4 with stride 1 and dilation 2 (original flag ``--dilation``).
+        weights: local path to ImageNet weights (torchvision or timm format), never downloaded.
+        trainable: train layer2-4 (the stem and layer1 stay frozen); False freezes everything,
+            like ``--lr_backbone 0``.
+    """
+
+    name: BackboneName = "resnet50"
+    dilation: bool = False
+    weights: str | None = None
+    trainable: bool = True
+
+
+@dataclass(frozen=True)
+class PositionConfig:
+    """2-D positional embedding of feature maps (spec A5).
+
+    Attributes:
+        kind: "sine" (all released models) or "learned" (row/column embeddings).
+        temperature: T of the sine frequencies.
+        offset: added to the cumulative coordinate before normalising (-0.5 in the Deformable family).
+    """
+
+    kind: Literal["sine", "learned"] = "sine"
+    temperature: float = 10000.0
+    offset: float = 0.0
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """One stack of encoder or decoder layers.
+
+    Attributes:
+        num_layers: number of layers.
+        ffn_dim: hidden width of the feed-forward block.
+        dropout: dropout inside attention, FFN and residuals.
+        pre_norm: LayerNorm before each sub-block instead of after (``--pre_norm``).
+        activation: FFN activation.
+    """
+
+    num_layers: int = 6
+    ffn_dim: int = 2048
+    dropout: float = 0.1
+    pre_norm: bool = False
+    activation: Literal["relu", "gelu"] = "relu"
+
+
+@dataclass(frozen=True)
+class MatcherConfig:
+    """Hungarian matching costs (spec A7)."""
+
+    cost_class: float = 1.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss weights (spec A8).
+
+    Attributes:
+        class_loss: "softmax_ce" = cross-entropy over C + 1 logits with a no-object class
+            (DETR); "sigmoid_focal" = focal loss over C sigmoid logits (Deformable family).
+        eos_coef: weight of the no-object class in the cross-entropy (``--eos_coef``).
+        aux_loss: supervise every decoder layer, not only the last (``--aux_loss``).
+    """
+
+    class_loss: Literal["softmax_ce", "sigmoid_focal"] = "softmax_ce"
+    class_weight: float = 1.0
+    bbox_weight: float = 5.0
+    giou_weight: float = 2.0
+    eos_coef: float = 0.1
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    aux_loss: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The detector.
+
+    Attributes:
+        num_classes: number of object classes; None takes it from the training data's categories.
+        hidden_dim: transformer width D.
+        num_heads: attention heads.
+        num_queries: object queries at inference.
+        top_k: detections kept per image by the postprocessor; None keeps every query (DETR).
+    """
+
+    num_classes: int | None = None
+    hidden_dim: int = 256
+    num_heads: int = 8
+    num_queries: int = 100
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    position: PositionConfig = field(default_factory=PositionConfig)
+    encoder: TransformerConfig = field(default_factory=TransformerConfig)
+    decoder: TransformerConfig = field(default_factory=TransformerConfig)
+    matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    top_k: int | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """COCO-format data and the augmentation recipe (spec A2).
+
+    Attributes:
+        root: dataset folder (``--data``); see the README for the layout.
+        train_split, val_split: split names, e.g. "train" -> ``annotations/instances_train.json``.
+        train_scales: shorter-side sizes drawn for training.
+        max_size: cap on the longer side.
+        crop: use DETR's resize -> random crop -> resize branch with probability 0.5.
+        crop_resize_scales: shorter sides drawn before the crop.
+        crop_size: (min, max) crop side.
+        val_size: shorter side at evaluation.
+        batch_size: images per process and step.
+        eval_batch_size: images per process at evaluation.
+        num_workers: dataloader worker processes.
+    """
+
+    root: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    train_scales: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+    max_size: int = 1333
+    crop: bool = True
+    crop_resize_scales: tuple[int, ...] = (400, 500, 600)
+    crop_size: tuple[int, int] = (384, 600)
+    val_size: int = 800
+    batch_size: int = 2
+    eval_batch_size: int = 2
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and the training loop (spec A9).
+
+    Attributes:
+        lr_backbone: learning rate of backbone parameters (0 freezes the backbone).
+        lr_drop: epoch at which the StepLR schedule multiplies the lr by ``lr_gamma``.
+        clip_max_norm: global gradient-norm clip; 0 disables.
+        grad_accum_steps: micro-batches accumulated per optimiser step.
+        max_steps: stop after this many optimiser steps (None: run all epochs).
+        eval_every: evaluate every N epochs (0: only at the end).
+        checkpoint_every: also checkpoint every N optimiser steps (0: epoch ends only).
+        keep_last: step checkpoints kept on disk.
+        max_nonfinite_steps: consecutive non-finite steps that stop the run.
+    """
+
+    epochs: int = 300
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-4
+    lr_drop: int = 200
+    lr_gamma: float = 0.1
+    clip_max_norm: float = 0.1
+    grad_accum_steps: int = 1
+    max_steps: int | None = None
+    seed: int = 42
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    eval_every: int = 1
+    checkpoint_every: int = 0
+    keep_last: int = 2
+    log_every: int = 10
+    max_nonfinite_steps: int = 5
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment: what is written to ``config.yaml`` and embedded in checkpoints."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
