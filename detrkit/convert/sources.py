@@ -1,0 +1,139 @@
+# SPDX-License-Identifier: Apache-2.0
+"""One rule table per official source format, plus how its stored ``args`` become a config."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from detrkit.config.schema import (
+    BackboneConfig,
+    DataConfig,
+    ExperimentConfig,
+    LossConfig,
+    MatcherConfig,
+    ModelConfig,
+    PositionConfig,
+    TrainConfig,
+    TransformerConfig,
+)
+from detrkit.convert.rules import RenameRule, SplitRule
+from detrkit.errors import UserError
+
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def _mha_split(source: str, target: str) -> SplitRule:
+    """``{source}.in_proj_{weight,bias}`` -> ``{target}.{q,k,v}_proj.{weight,bias}``."""
+    return SplitRule(
+        rf"{source}\.in_proj_(weight|bias)",
+        tuple(rf"{target}.{name}.\{_group_count(source) + 1}" for name in _QKV),
+    )
+
+
+def _group_count(pattern: str) -> int:
+    return re.compile(pattern).groups
+
+
+_DETR_LAYER = r"transformer\.(encoder|decoder)\.layers\.(\d+)"
+DETR_SPLITS = (
+    _mha_split(r"transformer\.encoder\.layers\.(\d+)\.self_attn", r"encoder.layers.\1.self_attn.attn"),
+    _mha_split(r"transformer\.decoder\.layers\.(\d+)\.self_attn", r"decoder.layers.\1.self_attn.attn"),
+    _mha_split(r"transformer\.decoder\.layers\.(\d+)\.multihead_attn",
+               r"decoder.layers.\1.cross_attn.attn"),
+)
+DETR_RULES = (
+    RenameRule(r"backbone\.0\.body\.(.+)", r"backbone.\1"),
+    RenameRule(r"input_proj\.(weight|bias)", r"neck.projections.0.0.\1"),
+    RenameRule(r"query_embed\.weight", r"queries.query_embed.weight"),
+    RenameRule(r"class_embed\.(weight|bias)", r"head.class_embed.0.\1"),
+    RenameRule(r"bbox_embed\.layers\.(\d)\.(weight|bias)", r"head.bbox_embed.0.layers.\1.\2"),
+    RenameRule(rf"{_DETR_LAYER}\.self_attn\.out_proj\.(weight|bias)",
+               r"\1.layers.\2.self_attn.attn.out_proj.\3"),
+    RenameRule(rf"{_DETR_LAYER}\.multihead_attn\.out_proj\.(weight|bias)",
+               r"\1.layers.\2.cross_attn.attn.out_proj.\3"),
+    RenameRule(rf"{_DETR_LAYER}\.linear(1|2)\.(weight|bias)", r"\1.layers.\2.ffn.linear\3.\4"),
+    RenameRule(r"transformer\.encoder\.layers\.(\d+)\.norm1\.(weight|bias)",
+               r"encoder.layers.\1.self_attn_norm.\2"),
+    RenameRule(r"transformer\.encoder\.layers\.(\d+)\.norm2\.(weight|bias)",
+               r"encoder.layers.\1.ffn_norm.\2"),
+    RenameRule(r"transformer\.decoder\.layers\.(\d+)\.norm1\.(weight|bias)",
+               r"decoder.layers.\1.self_attn_norm.\2"),
+    RenameRule(r"transformer\.decoder\.layers\.(\d+)\.norm2\.(weight|bias)",
+               r"decoder.layers.\1.cross_attn_norm.\2"),
+    RenameRule(r"transformer\.decoder\.layers\.(\d+)\.norm3\.(weight|bias)",
+               r"decoder.layers.\1.ffn_norm.\2"),
+    RenameRule(r"transformer\.encoder\.norm\.(weight|bias)", r"encoder.final_norm.\1"),
+    RenameRule(r"transformer\.decoder\.norm\.(weight|bias)", r"decoder.output_norm.\1"),
+)
+
+# DETR's dataset_file -> number of class logits minus "no object" (spec C1.6).
+_DETR_NUM_CLASSES = {"coco": 91, "coco_panoptic": 250}
+
+
+def detr_config(args: Mapping[str, Any]) -> ExperimentConfig:
+    """The detrkit config equal to an official DETR run's ``args`` (spec C1.6)."""
+    if args.get("masks"):
+        raise UserError("DETR segmentation checkpoints (--masks) are not supported; "
+                        "convert a box-only checkpoint")
+    transformer = dict(ffn_dim=args["dim_feedforward"], dropout=args["dropout"],
+                       pre_norm=args["pre_norm"])
+    model = ModelConfig(
+        num_classes=_DETR_NUM_CLASSES.get(args.get("dataset_file", "coco"), 91),
+        hidden_dim=args["hidden_dim"], num_heads=args["nheads"], num_queries=args["num_queries"],
+        backbone=BackboneConfig(name=args["backbone"], dilation=args["dilation"],
+                                trainable=args["lr_backbone"] > 0),
+        position=PositionConfig(kind=_position_kind(args["position_embedding"])),
+        encoder=TransformerConfig(num_layers=args["enc_layers"], **transformer),
+        decoder=TransformerConfig(num_layers=args["dec_layers"], **transformer),
+        matcher=MatcherConfig(args["set_cost_class"], args["set_cost_bbox"], args["set_cost_giou"]),
+        loss=LossConfig(class_loss="softmax_ce", bbox_weight=args["bbox_loss_coef"],
+                        giou_weight=args["giou_loss_coef"], eos_coef=args["eos_coef"],
+                        aux_loss=args["aux_loss"]),
+    )
+    train = TrainConfig(
+        epochs=args["epochs"], lr=args["lr"], lr_backbone=args["lr_backbone"],
+        weight_decay=args["weight_decay"], lr_drop=args["lr_drop"],
+        clip_max_norm=args["clip_max_norm"], seed=args["seed"],
+    )
+    return ExperimentConfig(model=model, data=DataConfig(batch_size=args["batch_size"]), train=train)
+
+
+def _position_kind(value: str) -> str:
+    return {"sine": "sine", "v2": "sine", "learned": "learned", "v3": "learned"}[value]
+
+
+@dataclass(frozen=True)
+class SourceFormat:
+    """How to read one official repository's checkpoints.
+
+    Attributes:
+        name: the ``--from`` value.
+        repos: golden-case ``repo`` values this format covers.
+        rules, splits: key conversion tables.
+        config_from_args: official ``args`` (a dict) -> ExperimentConfig.
+    """
+
+    name: str
+    repos: tuple[str, ...]
+    rules: tuple[RenameRule, ...]
+    splits: tuple[SplitRule, ...]
+    config_from_args: Callable[[Mapping[str, Any]], ExperimentConfig]
+
+
+SOURCES: dict[str, SourceFormat] = {
+    "detr": SourceFormat("detr", ("detr",), DETR_RULES, DETR_SPLITS, detr_config),
+}
+
+
+def source_for_repo(repo: str) -> SourceFormat | None:
+    """The format whose golden ``repo`` name is ``repo``, or None when unsupported."""
+    return next((s for s in SOURCES.values() if repo in s.repos), None)
+
+
+def get_source(name: str) -> SourceFormat:
+    if name not in SOURCES:
+        raise UserError(f"unknown checkpoint source '{name}'; choose one of {sorted(SOURCES)}")
+    return SOURCES[name]

@@ -1,0 +1,46 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Feed-forward blocks."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+class FFN(nn.Module):
+    """linear2(dropout(act(linear1(x)))); the residual and norm belong to the enclosing layer."""
+
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0, activation: str = "relu"):
+        super().__init__()
+        self.linear1 = nn.Linear(dim, hidden_dim)
+        self.linear2 = nn.Linear(hidden_dim, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.activation = _ACTIVATIONS[activation]
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.linear1.weight)
+        nn.init.xavier_uniform_(self.linear2.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [..., D] -> [..., D]."""
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between them (DETR's box head)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1)
+        outs = [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [..., in_dim] -> [..., out_dim]."""
+        for index, layer in enumerate(self.layers):
+            x = layer(x)
+            if index < len(self.layers) - 1:
+                x = F.relu(x)
+        return x

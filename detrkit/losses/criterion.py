@@ -1,0 +1,94 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``SetCriterion``: one generic loop over prediction groups x decoder layers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+
+from detrkit.matching.batch import AssignRequest, assign_all
+from detrkit.structures import DetectorOutput, LossOutput, PredictionGroup, Target
+
+
+def loss_name(group: str, term: str, layer: int) -> str:
+    """The one naming scheme of loss terms, e.g. ``main/giou/d5``."""
+    return f"{group}/{term}/d{layer}"
+
+
+def class_agnostic(targets: Sequence[Target]) -> list[Target]:
+    """The same targets with every label set to 0 (two-stage encoder proposals)."""
+    return [replace(t, labels=torch.zeros_like(t.labels)) for t in targets]
+
+
+class SetCriterion(nn.Module):
+    """Match every (group, layer) and apply every loss term.
+
+    Args:
+        assigners: assigner name -> two-phase assigner (see ``matching.batch.Assigner``).
+        terms: term name ("cls", "l1", "giou") -> loss term module.
+        term_weights: term name -> weight.
+        aux_loss: supervise every decoder layer; otherwise only the last.
+        reduce_num_boxes: maps the local box count (a tensor) to the value used for normalising,
+            e.g. the mean over distributed ranks; injected so the criterion never sees
+            ``torch.distributed``.
+    """
+
+    def __init__(
+        self, *, assigners: Mapping[str, object], terms: Mapping[str, nn.Module],
+        term_weights: Mapping[str, float], aux_loss: bool = True,
+        reduce_num_boxes: Callable[[Tensor], Tensor] = lambda n: n,
+    ) -> None:
+        super().__init__()
+        self.assigners = dict(assigners)
+        self.terms = nn.ModuleDict(terms)
+        self.term_weights = dict(term_weights)
+        self.aux_loss = aux_loss
+        self.reduce_num_boxes = reduce_num_boxes
+
+    def supervised_layers(self, group: PredictionGroup) -> range:
+        last = group.num_layers - 1
+        return range(group.num_layers) if self.aux_loss else range(last, last + 1)
+
+    def group_targets(self, group: PredictionGroup, targets: list[Target]) -> list[Target]:
+        chosen = group.targets if group.targets is not None else targets
+        return class_agnostic(chosen) if group.class_agnostic else chosen
+
+    def num_boxes(self, targets: Sequence[Target], device: torch.device) -> float:
+        count = torch.tensor(float(sum(len(t) for t in targets)), device=device)
+        return self.reduce_num_boxes(count).clamp(min=1).item()
+
+    def match(self, output: DetectorOutput, targets: list[Target]) -> dict[tuple[str, int], list]:
+        """(group name, layer) -> per-image matches, all solved with one host transfer."""
+        keys, requests = [], []
+        for group in output.groups:
+            group_targets = self.group_targets(group, targets)
+            for layer in self.supervised_layers(group):
+                keys.append((group.name, layer))
+                requests.append(AssignRequest(
+                    self.assigners[group.assigner], group.logits[layer], group.boxes[layer],
+                    group_targets,
+                ))
+        return dict(zip(keys, assign_all(requests)))
+
+    def forward(self, output: DetectorOutput, targets: list[Target]) -> LossOutput:
+        """Losses of every group and layer, computed in fp32."""
+        device = output.groups[0].logits.device
+        matches = self.match(output, targets)
+        terms, weights = {}, {}
+        for group in output.groups:
+            group_targets = self.group_targets(group, targets)
+            num_boxes = self.num_boxes(group.targets or targets, device)
+            for layer in self.supervised_layers(group):
+                logits, boxes = group.logits[layer].float(), group.boxes[layer].float()
+                for term_name, term in self.terms.items():
+                    name = loss_name(group.name, term_name, layer)
+                    terms[name] = term(logits, boxes, group_targets,
+                                       matches[(group.name, layer)], num_boxes)
+                    weights[name] = group.loss_weight * self.term_weights[term_name]
+        for name, value in output.extra_losses.items():
+            terms[name], weights[name] = value.float(), 1.0
+        total = sum(weights[name] * value for name, value in terms.items())
+        return LossOutput(total=total, terms=terms, weights=weights)

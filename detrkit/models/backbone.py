@@ -1,0 +1,117 @@
+# SPDX-License-Identifier: Apache-2.0
+"""ResNet backbones from torchvision with frozen BatchNorm (spec A4)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from detrkit.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+_STAGE_CHANNELS = {
+    "resnet18": (64, 128, 256, 512),
+    "resnet34": (64, 128, 256, 512),
+    "resnet50": (256, 512, 1024, 2048),
+    "resnet101": (256, 512, 1024, 2048),
+}
+_STAGES = ("c2", "c3", "c4", "c5")
+# The originals train layer2-4 and freeze the stem and layer1 (spec A4).
+_TRAINABLE_LAYERS = ("layer2", "layer3", "layer4")
+
+
+class ResNetBackbone(nn.Module):
+    """A torchvision ResNet returning the requested stages as a dict.
+
+    Args:
+        name: "resnet18" | "resnet34" | "resnet50" | "resnet101".
+        return_stages: subset of ("c2", "c3", "c4", "c5") in increasing stride.
+        dilation: DC5; layer4 keeps stride 16 with dilation 2.
+        trainable: train layer2-4; False freezes every parameter.
+
+    Attributes:
+        out_channels: stage -> channels, known before the first forward.
+        strides: stage -> stride in input pixels.
+    """
+
+    def __init__(
+        self, name: str, *, return_stages: Sequence[str] = ("c5",), dilation: bool = False,
+        trainable: bool = True,
+    ) -> None:
+        super().__init__()
+        if dilation and name in ("resnet18", "resnet34"):
+            raise UserError(f"model.backbone.dilation (DC5) needs a bottleneck ResNet, not {name}")
+        net = getattr(torchvision.models, name)(
+            weights=None, norm_layer=FrozenBatchNorm2d,
+            replace_stride_with_dilation=[False, False, dilation],
+        )
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            net.layer1, net.layer2, net.layer3, net.layer4,
+        )
+        self.return_stages = tuple(return_stages)
+        channels = dict(zip(_STAGES, _STAGE_CHANNELS[name]))
+        strides = dict(zip(_STAGES, (4, 8, 16, 16 if dilation else 32)))
+        self.out_channels = {s: channels[s] for s in self.return_stages}
+        self.strides = {s: strides[s] for s in self.return_stages}
+        for param_name, param in self.named_parameters():
+            param.requires_grad_(trainable and param_name.startswith(_TRAINABLE_LAYERS))
+
+    def forward(self, pixels: Tensor) -> dict[str, Tensor]:
+        """pixels: [B, 3, H, W] -> {stage: [B, C_s, H / stride_s, W / stride_s]}."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(pixels))))
+        outputs = {}
+        for stage, layer in zip(_STAGES, (self.layer1, self.layer2, self.layer3, self.layer4)):
+            x = layer(x)
+            if stage in self.return_stages:
+                outputs[stage] = x
+        return outputs
+
+    def load_pretrained(self, path: str | Path) -> None:
+        """Load ImageNet weights (torchvision or timm layout, .pth or .safetensors) from a local file.
+
+        The classifier (``fc.*``) is dropped; anything else unmatched is an error naming the keys.
+        """
+        state = _read_state_dict(Path(path))
+        state = {_strip_prefix(k): v for k, v in state.items()}
+        state = {k: v for k, v in state.items()
+                 if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+        result = self.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise UserError(
+                f"{path} does not match backbone weights of this ResNet: "
+                f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}; "
+                "check model.backbone.name"
+            )
+        logger.info("loaded backbone weights from %s (%d tensors)", path, len(state))
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in ("module.", "model.", "backbone.0.body.", "backbone."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise UserError(f"backbone weights {path} not found; set model.backbone.weights to a file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"cannot read backbone weights {path}: {error}") from error
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state

@@ -1,0 +1,101 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Transformer decoder: layers as an ordered list of residual operations, plus named taps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from detrkit.layers.attention import SelfAttention
+from detrkit.layers.ffn import FFN
+from detrkit.structures import DecoderOutput, EncoderMemory, QuerySet
+
+DEFAULT_ORDER = ("self_attn", "cross_attn", "ffn")
+
+
+class DecoderLayer(nn.Module):
+    """One decoder layer: residual ops run in ``order``, each followed (or preceded) by its norm.
+
+    Args:
+        self_attn: ``SelfAttention``-like module ``(x, pos, attn_mask=...)``.
+        cross_attn: module ``(query, query_pos, reference, memory) -> [B, Q, D]``.
+        ffn: feed-forward block.
+        dim: width D (for the norms).
+        dropout: residual dropout.
+        order: execution order of "self_attn", "cross_attn", "ffn".
+        taps: op names after which the hidden state is recorded.
+        pre_norm: normalise before each op instead of after the residual.
+    """
+
+    def __init__(
+        self, *, self_attn: nn.Module, cross_attn: nn.Module, ffn: FFN, dim: int,
+        dropout: float = 0.1, order: Sequence[str] = DEFAULT_ORDER, taps: Sequence[str] = (),
+        pre_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        if sorted(order) != sorted(DEFAULT_ORDER):
+            raise ValueError(f"decoder order must be a permutation of {DEFAULT_ORDER}, got {order}")
+        self.self_attn, self.cross_attn, self.ffn = self_attn, cross_attn, ffn
+        self.self_attn_norm = nn.LayerNorm(dim)
+        self.cross_attn_norm = nn.LayerNorm(dim)
+        self.ffn_norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.order, self.taps, self.pre_norm = tuple(order), tuple(taps), pre_norm
+
+    def forward(
+        self, query: Tensor, query_pos: Tensor | None, reference: Tensor | None,
+        memory: EncoderMemory, self_attn_mask: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """query, query_pos: [B, Q, D]; reference: [B, Q, 2|4] or None -> ([B, Q, D], taps)."""
+        ops = {
+            "self_attn": lambda x: self.self_attn(x, query_pos, attn_mask=self_attn_mask),
+            "cross_attn": lambda x: self.cross_attn(x, query_pos, reference, memory),
+            "ffn": self.ffn,
+        }
+        taps = {}
+        for name in self.order:
+            norm = getattr(self, f"{name}_norm")
+            if self.pre_norm:
+                query = query + self.dropout(ops[name](norm(query)))
+            else:
+                query = norm(query + self.dropout(ops[name](query)))
+            if name in self.taps:
+                taps[name] = query
+        return query, taps
+
+
+class Decoder(nn.Module):
+    """Runs the layers and collects every layer's (optionally normalised) output.
+
+    Args:
+        layers: decoder layers.
+        output_norm: LayerNorm applied to each layer's output *for prediction* (DETR), or None.
+    """
+
+    def __init__(self, layers: Sequence[DecoderLayer], output_norm: nn.Module | None = None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.output_norm = output_norm
+
+    def forward(self, queries: QuerySet, memory: EncoderMemory) -> DecoderOutput:
+        """Decode ``queries`` against ``memory`` -> hidden [L, B, Q, D] and taps."""
+        hidden, tap_lists = [], {}
+        query = queries.content
+        for layer in self.layers:
+            query, taps = layer(query, queries.pos, queries.reference, memory,
+                                queries.self_attn_mask)
+            hidden.append(query if self.output_norm is None else self.output_norm(query))
+            for name, value in taps.items():
+                tap_lists.setdefault(name, []).append(value)
+        return DecoderOutput(
+            hidden=torch.stack(hidden),
+            references=None,
+            taps={name: torch.stack(values) for name, values in tap_lists.items()},
+        )
+
+
+def build_self_attention(dim: int, num_heads: int, dropout: float) -> SelfAttention:
+    """The decoder's self-attention (queries and keys carry the query positions)."""
+    return SelfAttention(dim, num_heads, dropout)

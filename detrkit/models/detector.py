@@ -1,0 +1,66 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``QueryDetector``: backbone -> neck -> encoder -> queries -> decoder -> head, plus schemes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from detrkit.models.decoder import Decoder
+from detrkit.models.heads import DetectionHead
+from detrkit.structures import DetectorOutput, ImageBatch, Target
+
+
+class QueryDetector(nn.Module):
+    """One detector for the whole DETR family; variants differ only in the parts plugged in.
+
+    Args:
+        backbone: pixels [B, 3, H, W] -> {stage: feature map}.
+        neck: (features, padding_mask) -> list[FeatureLevel].
+        encoder: list[FeatureLevel] -> EncoderMemory.
+        queries: (memory, num_queries, num_extra) -> QuerySet.
+        decoder: (QuerySet, EncoderMemory) -> DecoderOutput.
+        head: DecoderOutput -> prediction groups.
+        num_queries: queries used at inference.
+        schemes: training-only supervision plug-ins (no effect in eval mode).
+    """
+
+    def __init__(
+        self, *, backbone: nn.Module, neck: nn.Module, encoder: nn.Module, queries: nn.Module,
+        decoder: Decoder, head: DetectionHead, num_queries: int, schemes: Sequence[nn.Module] = (),
+    ) -> None:
+        super().__init__()
+        self.backbone, self.neck, self.encoder = backbone, neck, encoder
+        self.queries, self.decoder, self.head = queries, decoder, head
+        self.num_queries = num_queries
+        self.schemes = nn.ModuleList(schemes)
+
+    def forward(self, images: ImageBatch, targets: list[Target] | None = None) -> DetectorOutput:
+        """Run the detector.
+
+        Args:
+            images: padded batch.
+            targets: ground truth, used only by training schemes.
+
+        Returns:
+            ``DetectorOutput`` whose groups hold per-layer logits and cxcywh boxes.
+        """
+        levels = self.neck(self.backbone(images.pixels), images.padding_mask)
+        memory = self.encoder(levels)
+        schemes = list(self.schemes) if self.training else []
+        num_extra = sum(s.extra_queries for s in schemes)
+        queries = self.queries(memory, self.num_queries, num_extra)
+        extra_losses, passes = {}, []
+        for scheme in schemes:
+            queries = scheme.extend_queries(queries, memory, targets)
+            auxiliary = scheme.auxiliary(memory, targets)
+            extra_losses |= auxiliary.losses
+            passes += auxiliary.query_sets
+        decoded = self.decoder(queries, memory)
+        groups = self.head.predict_groups(decoded, queries)
+        for scheme in schemes:
+            groups += scheme.tap_groups(decoded, queries, self.head)
+        for query_set in passes:
+            groups += self.head.predict_groups(self.decoder(query_set, memory), query_set)
+        return DetectorOutput(groups, extra_losses)

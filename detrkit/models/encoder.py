@@ -1,0 +1,84 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Transformer encoders over flattened feature levels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from detrkit.layers.attention import SelfAttention
+from detrkit.layers.ffn import FFN
+from detrkit.structures import EncoderMemory, FeatureLevel
+
+
+def flatten_levels(levels: Sequence[FeatureLevel]) -> EncoderMemory:
+    """Concatenate levels row-major into an ``EncoderMemory`` (tokens are the projected features)."""
+    tokens = torch.cat([lvl.features.flatten(2).transpose(1, 2) for lvl in levels], dim=1)
+    pos = torch.cat([lvl.pos.flatten(2).transpose(1, 2) for lvl in levels], dim=1)
+    mask = torch.cat([lvl.padding_mask.flatten(1) for lvl in levels], dim=1)
+    shapes = torch.tensor([lvl.features.shape[-2:] for lvl in levels], device=tokens.device)
+    level_start = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
+    valid_ratios = torch.stack([valid_ratio(lvl.padding_mask) for lvl in levels], dim=1)
+    return EncoderMemory(tokens, mask, pos, shapes, level_start, valid_ratios)
+
+
+def valid_ratio(padding_mask: Tensor) -> Tensor:
+    """[B, H, W] bool -> [B, 2] (w, h) fraction of valid columns (first row) and rows (first column)."""
+    _, height, width = padding_mask.shape
+    valid_h = (~padding_mask[:, :, 0]).sum(1)
+    valid_w = (~padding_mask[:, 0, :]).sum(1)
+    return torch.stack((valid_w.float() / width, valid_h.float() / height), dim=-1)
+
+
+class EncoderLayer(nn.Module):
+    """Global self-attention + FFN, each with residual dropout and LayerNorm (post- or pre-norm)."""
+
+    def __init__(
+        self, dim: int, num_heads: int, ffn_dim: int, *, dropout: float = 0.1,
+        activation: str = "relu", pre_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(dim, num_heads, dropout)
+        self.ffn = FFN(dim, ffn_dim, dropout, activation)
+        self.self_attn_norm = nn.LayerNorm(dim)
+        self.ffn_norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+
+    def forward(self, tokens: Tensor, pos: Tensor, padding_mask: Tensor) -> Tensor:
+        """tokens, pos: [B, S, D]; padding_mask: [B, S] -> [B, S, D]."""
+        attend = lambda x: self.self_attn(x, pos, key_padding_mask=padding_mask)  # noqa: E731
+        tokens = self._residual(tokens, attend, self.self_attn_norm)
+        return self._residual(tokens, self.ffn, self.ffn_norm)
+
+    def _residual(self, x: Tensor, block, norm: nn.Module) -> Tensor:
+        if self.pre_norm:
+            return x + self.dropout(block(norm(x)))
+        return norm(x + self.dropout(block(x)))
+
+
+class DetrEncoder(nn.Module):
+    """DETR's encoder: global self-attention over the flattened tokens of every level.
+
+    Args:
+        layers: the encoder layers.
+        final_norm: LayerNorm applied to the output (pre-norm models), or None.
+    """
+
+    def __init__(self, layers: Sequence[EncoderLayer], final_norm: nn.Module | None = None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.final_norm = final_norm
+
+    def forward(self, levels: Sequence[FeatureLevel]) -> EncoderMemory:
+        """levels: projected feature levels with masks and positions -> encoded memory."""
+        memory = flatten_levels(levels)
+        tokens = memory.tokens
+        for layer in self.layers:
+            tokens = layer(tokens, memory.pos, memory.padding_mask)
+        if self.final_norm is not None:
+            tokens = self.final_norm(tokens)
+        memory.tokens = tokens
+        return memory

@@ -1,0 +1,160 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Loading a golden case and running detrkit on it (shared by the golden tests)."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from detrkit.config.build import build_criterion, build_model, build_postprocess
+from detrkit.convert.official_names import official_loss, official_match_path, official_output
+from detrkit.convert.rules import ConversionResult, convert_state_dict
+from detrkit.convert.sources import SourceFormat, source_for_repo
+from detrkit.structures import DetectorOutput, ImageBatch, Target
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN_DIR = Path(os.environ.get("DETRKIT_GOLDEN_DIR", ROOT.parent / "shared" / "golden"))
+_NOT_CASES = {"inputs.json"}
+
+
+def list_cases() -> list[Path]:
+    return sorted(p for p in GOLDEN_DIR.glob("*.json") if p.name not in _NOT_CASES)
+
+
+@functools.lru_cache(maxsize=4)
+def _refgen(directory: Path):
+    spec = importlib.util.spec_from_file_location(f"refgen_{abs(hash(directory))}",
+                                                  directory / "refgen.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def official_state_dict(spec: dict, directory: Path) -> dict[str, torch.Tensor]:
+    """Regenerate the official-layout weights with the golden folder's own ``refgen``."""
+    refgen = _refgen(directory)
+    state = {}
+    for entry in spec["state_dict"]:
+        if "alias_of" not in entry:
+            state[entry["key"]] = torch.from_numpy(refgen.weight_values(entry["key"], entry["shape"]))
+    for entry in spec["state_dict"]:
+        if "alias_of" in entry:
+            state[entry["key"]] = state[entry["alias_of"]]
+    return state
+
+
+@dataclass
+class GoldenCase:
+    """One recorded case with its detrkit model built and loaded."""
+
+    path: Path
+    spec: dict
+    source: SourceFormat | None
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    official_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    conversion: ConversionResult | None = None
+    model: torch.nn.Module | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> GoldenCase:
+        spec = json.loads(path.read_text())
+        case = cls(path, spec, source_for_repo(spec["repo"]))
+        if case.source is None:
+            return case
+        case.tensors = load_file(str(path.with_suffix(".safetensors")))
+        case.inputs = load_file(str(path.parent / spec.get("inputs", "inputs.safetensors")))
+        case.official_state = official_state_dict(spec, path.parent)
+        case.config = case.source.config_from_args(spec["args"])
+        case.conversion = convert_state_dict(case.official_state, case.source.rules,
+                                             case.source.splits)
+        torch.manual_seed(0)
+        case.model = build_model(case.config.model)
+        case.model.load_state_dict(case.conversion.state_dict, strict=True)
+        return case
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.model.decoder.num_layers
+
+    def batch(self) -> ImageBatch:
+        images = [self.inputs[k] for k in sorted(k for k in self.inputs if k.startswith("image."))]
+        mask = self.inputs["batch.mask"].bool()
+        pixels = torch.zeros(len(images), 3, *mask.shape[1:])
+        for i, image in enumerate(images):
+            pixels[i, :, : image.shape[1], : image.shape[2]] = image
+        sizes = torch.tensor([image.shape[1:] for image in images])
+        return ImageBatch(pixels, mask, sizes)
+
+    def targets(self) -> list[Target]:
+        count = len([k for k in self.inputs if k.startswith("image.")])
+        return [
+            Target(self.inputs[f"target.{i}.labels"], self.inputs[f"target.{i}.boxes"], image_id=i)
+            for i in range(count)
+        ]
+
+    @functools.cached_property
+    def eval_output(self) -> DetectorOutput:
+        self.model.eval()
+        with torch.no_grad():
+            return self.model(self.batch())
+
+    def eval_output_pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        pairs = {}
+        prefix = "eval.f32.out."
+        for name, recorded in self.tensors.items():
+            if not name.startswith(prefix):
+                continue
+            ref = official_output(name[len(prefix):], self.num_layers)
+            assert ref is not None, f"unmapped official output {name}"
+            group = self.eval_output.group(ref.group)
+            pairs[name] = (getattr(group, ref.field)[ref.layer], recorded)
+        return pairs
+
+    def postprocess_pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        postprocess = build_postprocess(self.config.model)
+        detections = postprocess(self.eval_output.for_inference(), self.inputs["orig_sizes"])
+        pairs = {}
+        for image, det in enumerate(detections):
+            ours = {"scores": det.scores, "labels": det.labels, "boxes": det.boxes_xyxy}
+            for key, value in ours.items():
+                name = f"eval.f32.post.{image}.{key}"
+                if name in self.tensors:
+                    pairs[name] = (value, self.tensors[name])
+        return pairs
+
+    @functools.cached_property
+    def _train(self):
+        self.model.train()
+        criterion = build_criterion(self.config.model)
+        output = self.model(self.batch(), self.targets())
+        losses = criterion(output, self.targets())
+        return output, criterion, losses
+
+    def train_losses(self):
+        _, _, losses = self._train
+        return losses.terms, losses.total
+
+    def loss_names(self) -> dict[str, str]:
+        recorded = self.spec["runs"]["f32"]["losses"]
+        mapped = {name: official_loss(name, self.num_layers) for name in recorded}
+        return {k: v for k, v in mapped.items() if v is not None}
+
+    def match(self, call: dict):
+        where = official_match_path(call["path"], self.num_layers)
+        if where is None:
+            return None
+        output, criterion, _ = self._train
+        group = output.group(where[0])
+        assigner = criterion.assigners[group.assigner]
+        targets = criterion.group_targets(group, self.targets())
+        costs = assigner.costs(group.logits[where[1]], group.boxes[where[1]], targets)
+        matches = assigner.solve(costs.cpu(), targets)
+        per_image = costs.split([len(t) for t in targets], dim=-1)
+        return [(src, tgt, per_image[i][i]) for i, (src, tgt) in enumerate(matches)]
