@@ -1,0 +1,307 @@
+# SPDX-License-Identifier: Apache-2.0
+"""COCO-format detection dataset -> (normalised image, ``Target``) (spec A1).
+
+The annotation file is validated when the dataset is built (JSON only, no image is opened):
+structural problems raise ``UserError`` naming the file and the entry at fault; empty or
+out-of-image boxes are skipped with one logged warning, as COCO's own tools do. Annotations are
+stored as flat numpy arrays (not per-image Python lists) so DataLoader workers share them cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from detrkit.data.images import load_rgb_image
+from detrkit.data.labels import LabelMap
+from detrkit.data.transforms import DetectionSample, ToNormalizedTensor
+from detrkit.errors import UserError
+from detrkit.structures import Target
+
+logger = logging.getLogger(__name__)
+
+_REQUIRED_KEYS = ("images", "annotations", "categories")
+_MAX_IDS_LISTED = 10
+COCO2017_SUFFIX = "2017"
+
+
+def resolve_split(root: Path, split: str) -> tuple[Path, Path]:
+    """Find the images folder and annotation file of a split.
+
+    Looked for, in order: ``root/annotations/instances_{split}.json`` with images in
+    ``root/{split}/``, ``root/images/{split}/`` or ``root/images/``. COCO 2017 is the same layout
+    with split "train2017"/"val2017"; a plain "train"/"val" falls back to it when no
+    ``instances_{split}.json`` exists.
+
+    Returns:
+        (images_dir, annotation_json).
+
+    Raises:
+        UserError: nothing matched; the message lists every path tried.
+    """
+    root = Path(root)
+    tried: list[Path] = []
+    candidates = [split]
+    if not split.endswith(COCO2017_SUFFIX):
+        candidates.append(split + COCO2017_SUFFIX)
+    for name in candidates:
+        annotation = root / "annotations" / f"instances_{name}.json"
+        tried.append(annotation)
+        if not annotation.is_file():
+            continue
+        for images_dir in (root / name, root / "images" / name, root / "images"):
+            tried.append(images_dir)
+            if images_dir.is_dir():
+                return images_dir, annotation
+    listing = "\n  ".join(str(p) for p in tried)
+    raise UserError(
+        f"cannot find split {split!r} under {root}; looked for:\n  {listing}\n"
+        "Expected root/annotations/instances_<split>.json and the images in root/<split>/ "
+        "(or root/images/<split>/, root/images/)."
+    )
+
+
+def read_coco_json(path: Path) -> dict[str, Any]:
+    """Load and structurally check a COCO annotation file.
+
+    Raises:
+        UserError: missing file, malformed JSON (with line/column), or a missing top-level key.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise UserError(f"annotation file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"annotation file {path} is not valid JSON: {exc.msg} at line {exc.lineno}, "
+            f"column {exc.colno}"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"annotation file {path} cannot be read: {exc}") from None
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise UserError(f"annotation file {path} must hold a JSON object, not a {kind}")
+    missing = [key for key in _REQUIRED_KEYS if not isinstance(data.get(key), list)]
+    if missing:
+        raise UserError(
+            f"annotation file {path} lacks the list(s) {missing}; a COCO detection file has "
+            "'images', 'annotations' and 'categories'"
+        )
+    return data
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_images(images: Sequence[Any], path: Path) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """-> image ids [I] int64, file names, sizes [I, 2] int64 as (w, h)."""
+    ids, names, sizes = [], [], []
+    for index, image in enumerate(images):
+        ok = isinstance(image, Mapping) and _is_int(image.get("id"))
+        ok = ok and isinstance(image.get("file_name"), str)
+        ok = ok and all(_is_int(image.get(k)) and image[k] > 0 for k in ("width", "height"))
+        if not ok:
+            raise UserError(
+                f"{path}: images[{index}] needs an integer 'id', a 'file_name' and positive "
+                f"integer 'width'/'height'; got {image!r}"
+            )
+        ids.append(image["id"])
+        names.append(image["file_name"])
+        sizes.append((image["width"], image["height"]))
+    image_ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    unique, counts = np.unique(image_ids, return_counts=True)
+    if (counts > 1).any():
+        raise UserError(f"{path}: image id {int(unique[counts > 1][0])} appears more than once")
+    return image_ids, names, np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+
+
+def _label_map_from_json(categories: Sequence[Any], path: Path) -> LabelMap:
+    if not categories:
+        raise UserError(f"{path}: 'categories' is empty; add one entry per object class")
+    try:
+        return LabelMap.from_coco_categories(categories)
+    except ValueError as exc:
+        raise UserError(f"{path}: bad 'categories': {exc}") from None
+
+
+def _check_annotation(
+    ann: Any, path: Path, json_categories: set[int], mapped: set[int], row_of: dict[int, int]
+) -> int:
+    """Validate one annotation; return the row of its image. Raises UserError on bad structure."""
+    if not isinstance(ann, Mapping):
+        raise UserError(f"{path}: every annotation must be an object, got {ann!r}")
+    ann_id, category = ann.get("id"), ann.get("category_id")
+    if not _is_int(category) or category not in json_categories:
+        raise UserError(
+            f"{path}: annotation id {ann_id} has category_id {category!r}, which is not listed "
+            "in 'categories'; add that category or remove the annotation"
+        )
+    if category not in mapped:
+        raise UserError(
+            f"{path}: annotation id {ann_id} has category_id {category!r}, which the label map "
+            f"(category ids {sorted(mapped)}) does not know; use the same categories as the "
+            "training data"
+        )
+    row = row_of.get(ann.get("image_id")) if _is_int(ann.get("image_id")) else None
+    if row is None:
+        raise UserError(
+            f"{path}: annotation id {ann_id} refers to image_id {ann.get('image_id')!r}, which "
+            "is not in 'images'; add the image entry or remove the annotation"
+        )
+    bbox = ann.get("bbox")
+    if not isinstance(bbox, Sequence) or len(bbox) != 4:
+        raise UserError(f"{path}: annotation id {ann_id} needs 'bbox' = [x, y, w, h], got {bbox!r}")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in bbox):
+        raise UserError(f"{path}: annotation id {ann_id} has a non-numeric bbox {bbox!r}")
+    return row
+
+
+def _box_is_valid(bbox: Sequence[float], width: int, height: int) -> bool:
+    """Spec A1: xywh -> xyxy, clamp to the image, keep when x2 > x1 and y2 > y1 (NaN fails)."""
+    x, y, w, h = (float(v) for v in bbox)
+    x1, x2 = min(max(x, 0.0), width), min(max(x + w, 0.0), width)
+    y1, y2 = min(max(y, 0.0), height), min(max(y + h, 0.0), height)
+    return x2 > x1 and y2 > y1
+
+
+class CocoDetection(Dataset):
+    """COCO-format detection dataset.
+
+    ``dataset[i]`` is ``(pixels, target)``: pixels [3, h, w] float32, normalised by the
+    transforms; ``target.boxes`` [N, 4] cxcywh normalised by the transformed (h, w);
+    ``target.labels`` [N] int64 contiguous labels (via ``label_map``); ``orig_size`` is the
+    loaded image's (h, w), ``size`` the transformed one. Crowd annotations (``iscrowd`` 1) and
+    empty boxes are left out; images without annotations are kept (empty targets).
+
+    Attributes:
+        label_map: category id <-> label map (from the file's categories unless given).
+        image_ids: image ids in file order.
+        coco_json: the annotation file.
+        images_dir: folder that ``file_name`` entries are relative to.
+    """
+
+    def __init__(
+        self,
+        images_dir: Path,
+        annotation_json: Path,
+        transforms: Callable[[DetectionSample], DetectionSample] | None = None,
+        label_map: LabelMap | None = None,
+    ) -> None:
+        self.images_dir = Path(images_dir)
+        self.coco_json = Path(annotation_json)
+        self.transforms = transforms if transforms is not None else ToNormalizedTensor()
+        data = read_coco_json(self.coco_json)
+        json_map = _label_map_from_json(data["categories"], self.coco_json)
+        self.label_map = label_map if label_map is not None else json_map
+        image_ids, self._file_names, self._sizes_wh = _parse_images(data["images"], self.coco_json)
+        self.image_ids: list[int] = image_ids.tolist()
+        self._index_annotations(data["annotations"], set(json_map.category_ids))
+        self._size_warned: set[int] = set()
+
+    def _index_annotations(self, annotations: Sequence[Any], json_categories: set[int]) -> None:
+        """Fill flat arrays: boxes [A, 4] xyxy (unclamped), labels [A], image offsets [I + 1]."""
+        row_of = {image_id: row for row, image_id in enumerate(self.image_ids)}
+        mapped = set(self.label_map.category_ids)
+        rows, boxes, labels, skipped = [], [], [], []
+        num_crowd = 0
+        for ann in annotations:
+            row = _check_annotation(ann, self.coco_json, json_categories, mapped, row_of)
+            if ann.get("iscrowd", 0):
+                num_crowd += 1
+                continue
+            width, height = self._sizes_wh[row]
+            if not _box_is_valid(ann["bbox"], int(width), int(height)):
+                skipped.append(ann.get("id"))
+                continue
+            x, y, w, h = ann["bbox"]
+            rows.append(row)
+            boxes.append((x, y, x + w, y + h))
+            labels.append(self.label_map.to_label(ann["category_id"]))
+        order = np.argsort(np.asarray(rows, dtype=np.int64), kind="stable")
+        self._boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)[order]
+        self._labels = np.asarray(labels, dtype=np.int64)[order]
+        counts = np.bincount(np.asarray(rows, dtype=np.int64), minlength=len(self.image_ids))
+        self._offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        if num_crowd:
+            logger.info("%s: %d crowd annotations left out of targets", self.coco_json, num_crowd)
+        if skipped:
+            shown = ", ".join(str(i) for i in skipped[:_MAX_IDS_LISTED])
+            more = ", ..." if len(skipped) > _MAX_IDS_LISTED else ""
+            logger.warning(
+                "%s: skipped %d annotations whose box is empty or outside its image "
+                "(annotation ids %s%s)",
+                self.coco_json,
+                len(skipped),
+                shown,
+                more,
+            )
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def image_path(self, index: int) -> Path:
+        """Path of the index-th image file."""
+        return self.images_dir / self._file_names[index]
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(h, w) of the index-th image according to the annotation file."""
+        width, height = self._sizes_wh[index]
+        return int(height), int(width)
+
+    def aspect_ratios(self) -> np.ndarray:
+        """[I] float64 width / height of every image, from the annotation file (no image read)."""
+        return self._sizes_wh[:, 0] / self._sizes_wh[:, 1]
+
+    def num_annotations(self, index: int) -> int:
+        """Number of (non-crowd, non-empty) boxes of the index-th image."""
+        return int(self._offsets[index + 1] - self._offsets[index])
+
+    def raw_target(self, index: int) -> tuple[Tensor, Tensor]:
+        """([N, 4] absolute xyxy boxes before clamping, [N] labels) of the index-th image."""
+        start, stop = self._offsets[index], self._offsets[index + 1]
+        return torch.from_numpy(self._boxes[start:stop].copy()), torch.from_numpy(
+            self._labels[start:stop].copy()
+        )
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
+        image_id = self.image_ids[index]
+        json_wh = tuple(int(v) for v in self._sizes_wh[index])
+        image = load_rgb_image(self.image_path(index), image_id, expected_size=json_wh)
+        if image.size != json_wh and image_id not in self._size_warned:
+            self._size_warned.add(image_id)
+            logger.warning(
+                "%s: image %s (id %d) is %dx%d but the annotation file says %dx%d; boxes are "
+                "clamped to the loaded size",
+                self.coco_json,
+                self.image_path(index),
+                image_id,
+                image.width,
+                image.height,
+                *json_wh,
+            )
+        boxes, labels = self.raw_target(index)
+        boxes[:, 0::2].clamp_(0, image.width)
+        boxes[:, 1::2].clamp_(0, image.height)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        sample = DetectionSample.from_xyxy(image, boxes[keep], labels[keep])
+        sample = self.transforms(sample)
+        if not isinstance(sample.image, Tensor):
+            sample = ToNormalizedTensor()(sample)
+        target = Target(
+            labels=sample.labels,
+            boxes=sample.boxes_cxcywh_normalized(),
+            image_id=image_id,
+            orig_size=(image.height, image.width),
+            size=sample.size,
+        )
+        return sample.image, target

@@ -1,0 +1,73 @@
+# SPDX-License-Identifier: Apache-2.0
+"""One optimiser step: the only code that scales, unscales, clips and steps."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from detrkit.engine.precision import Precision
+from detrkit.losses.criterion import SetCriterion
+from detrkit.structures import ImageBatch, Target
+
+
+@dataclass
+class StepResult:
+    """What one step produced (loss values averaged over micro-batches, unweighted terms)."""
+
+    loss: float
+    terms: dict[str, float]
+    grad_norm: float
+    finite: bool
+
+
+def _no_sync(model: nn.Module, last: bool):
+    if not last and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def train_step(
+    model: nn.Module, criterion: SetCriterion, micro_batches: Sequence[tuple[ImageBatch, list[Target]]],
+    optimizer: torch.optim.Optimizer, precision: Precision, max_grad_norm: float | None,
+) -> StepResult:
+    """Forward/backward every micro-batch, then clip and step unless anything is non-finite."""
+    optimizer.zero_grad(set_to_none=True)
+    total, terms = 0.0, {}
+    for index, (images, targets) in enumerate(micro_batches):
+        with _no_sync(model, index == len(micro_batches) - 1):
+            with precision.autocast():
+                output = model(images, targets)
+            losses = criterion(output, targets)  # fp32, outside autocast
+            loss = losses.total / len(micro_batches)
+            (precision.scaler.scale(loss) if precision.scaler else loss).backward()
+        total += loss.item()
+        for name, value in losses.terms.items():
+            terms[name] = terms.get(name, 0.0) + value.item() / len(micro_batches)
+    if precision.scaler:
+        precision.scaler.unscale_(optimizer)
+    grad_norm = _grad_norm(model, max_grad_norm)
+    finite = math.isfinite(total) and math.isfinite(grad_norm)
+    if precision.scaler:
+        precision.scaler.step(optimizer)  # skips the update itself on inf/nan gradients
+        precision.scaler.update()
+    elif finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(total, terms, grad_norm, finite)
+
+
+def _grad_norm(model: nn.Module, max_norm: float | None) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm:
+        norm: Tensor = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    return norm.item()
