@@ -166,12 +166,57 @@ def _check_annotation(
     return row
 
 
-def _box_is_valid(bbox: Sequence[float], width: int, height: int) -> bool:
-    """Spec A1: xywh -> xyxy, clamp to the image, keep when x2 > x1 and y2 > y1 (NaN fails)."""
-    x, y, w, h = (float(v) for v in bbox)
-    x1, x2 = min(max(x, 0.0), width), min(max(x + w, 0.0), width)
-    y1, y2 = min(max(y, 0.0), height), min(max(y + h, 0.0), height)
-    return x2 > x1 and y2 > y1
+def _xywh_to_xyxy(bboxes: np.ndarray) -> np.ndarray:
+    """[A, 4] xywh -> xyxy in float32, added in float32 as the original code does."""
+    boxes = bboxes.astype(np.float32)
+    boxes[:, 2:] += boxes[:, :2]
+    return boxes
+
+
+def _clamped_is_valid(boxes_xyxy: np.ndarray, sizes_wh: np.ndarray) -> np.ndarray:
+    """[A] bool: after clamping to its image ([A, 2] (w, h)), x2 > x1 and y2 > y1 (NaN fails)."""
+    limits = np.tile(sizes_wh.astype(np.float32), 2)
+    clamped = np.clip(boxes_xyxy, 0.0, limits)
+    return (clamped[:, 2] > clamped[:, 0]) & (clamped[:, 3] > clamped[:, 1])
+
+
+def _gather_annotations(
+    annotations: Sequence[Any],
+    path: Path,
+    json_map: LabelMap,
+    label_map: LabelMap,
+    row_of: dict[int, int],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """-> image rows [A], labels [A], bboxes [A, 4] xywh float64, iscrowd [A] bool.
+
+    The loop does only dictionary look-ups (COCO train has 860k annotations); any failure is
+    re-examined by ``_check_annotation``, which raises the precise ``UserError``.
+    """
+    json_ids, mapped = set(json_map.category_ids), set(label_map.category_ids)
+    label_of = {c: label_map.to_label(c) for c in json_ids & mapped}
+    rows, labels, bboxes, crowd = [], [], [], []
+    for ann in annotations:
+        try:
+            rows.append(row_of[ann["image_id"]])
+            labels.append(label_of[ann["category_id"]])
+            bboxes.append(ann["bbox"])
+            crowd.append(ann.get("iscrowd", 0))
+        except (KeyError, TypeError, AttributeError):
+            _check_annotation(ann, path, json_ids, mapped, row_of)
+            raise
+    try:
+        boxes = np.asarray(bboxes) if bboxes else np.zeros((0, 4))
+    except (ValueError, TypeError):  # ragged or odd entries: find and name the culprit
+        boxes = np.zeros(0, dtype=object)
+    if boxes.dtype.kind not in "iuf" or boxes.shape[1:] != (4,):
+        for ann in annotations:
+            _check_annotation(ann, path, json_ids, mapped, row_of)
+    return (
+        np.asarray(rows, dtype=np.int64),
+        np.asarray(labels, dtype=np.int64),
+        boxes.astype(np.float64).reshape(-1, 4),
+        np.asarray(crowd).astype(bool).reshape(-1),
+    )
 
 
 class CocoDetection(Dataset):
@@ -205,45 +250,35 @@ class CocoDetection(Dataset):
         self.label_map = label_map if label_map is not None else json_map
         image_ids, self._file_names, self._sizes_wh = _parse_images(data["images"], self.coco_json)
         self.image_ids: list[int] = image_ids.tolist()
-        self._index_annotations(data["annotations"], set(json_map.category_ids))
+        self._index_annotations(data["annotations"], json_map)
         self._size_warned: set[int] = set()
 
-    def _index_annotations(self, annotations: Sequence[Any], json_categories: set[int]) -> None:
+    def _index_annotations(self, annotations: Sequence[Any], json_map: LabelMap) -> None:
         """Fill flat arrays: boxes [A, 4] xyxy (unclamped), labels [A], image offsets [I + 1]."""
         row_of = {image_id: row for row, image_id in enumerate(self.image_ids)}
-        mapped = set(self.label_map.category_ids)
-        rows, boxes, labels, skipped = [], [], [], []
-        num_crowd = 0
-        for ann in annotations:
-            row = _check_annotation(ann, self.coco_json, json_categories, mapped, row_of)
-            if ann.get("iscrowd", 0):
-                num_crowd += 1
-                continue
-            width, height = self._sizes_wh[row]
-            if not _box_is_valid(ann["bbox"], int(width), int(height)):
-                skipped.append(ann.get("id"))
-                continue
-            x, y, w, h = ann["bbox"]
-            rows.append(row)
-            boxes.append((x, y, x + w, y + h))
-            labels.append(self.label_map.to_label(ann["category_id"]))
-        order = np.argsort(np.asarray(rows, dtype=np.int64), kind="stable")
-        self._boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)[order]
-        self._labels = np.asarray(labels, dtype=np.int64)[order]
-        counts = np.bincount(np.asarray(rows, dtype=np.int64), minlength=len(self.image_ids))
+        rows, labels, bboxes, crowd = _gather_annotations(
+            annotations, self.coco_json, json_map, self.label_map, row_of
+        )
+        boxes = _xywh_to_xyxy(bboxes)
+        valid = _clamped_is_valid(boxes, self._sizes_wh[rows])
+        keep = valid & ~crowd
+        order = np.argsort(rows[keep], kind="stable")
+        self._boxes = boxes[keep][order]
+        self._labels = labels[keep][order]
+        counts = np.bincount(rows[keep], minlength=len(self.image_ids))
         self._offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-        if num_crowd:
-            logger.info("%s: %d crowd annotations left out of targets", self.coco_json, num_crowd)
-        if skipped:
-            shown = ", ".join(str(i) for i in skipped[:_MAX_IDS_LISTED])
-            more = ", ..." if len(skipped) > _MAX_IDS_LISTED else ""
+        if crowd.any():
+            logger.info("%s: %d crowd annotations left out", self.coco_json, int(crowd.sum()))
+        skipped = np.flatnonzero(~valid & ~crowd)
+        if skipped.size:
+            shown = [annotations[i].get("id") for i in skipped[:_MAX_IDS_LISTED]]
             logger.warning(
                 "%s: skipped %d annotations whose box is empty or outside its image "
                 "(annotation ids %s%s)",
                 self.coco_json,
-                len(skipped),
-                shown,
-                more,
+                skipped.size,
+                ", ".join(str(i) for i in shown),
+                ", ..." if skipped.size > _MAX_IDS_LISTED else "",
             )
 
     def __len__(self) -> int:

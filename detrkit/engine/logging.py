@@ -32,6 +32,15 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def setup_console_logging(is_main: bool, verbose: bool = False) -> None:
-    """INFO to stderr on rank 0, warnings only elsewhere."""
+    """detrkit's messages to stderr: INFO on rank 0, warnings only elsewhere.
+
+    Only the ``detrkit`` logger is configured, so an application's own logging set-up is kept.
+    """
     level = (logging.DEBUG if verbose else logging.INFO) if is_main else logging.WARNING
-    logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s", force=True)
+    package_logger = logging.getLogger("detrkit")
+    package_logger.setLevel(level)
+    if not any(getattr(h, "_detrkit", False) for h in package_logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._detrkit = True
+        package_logger.addHandler(handler)

@@ -73,6 +73,9 @@ class Trainer:
         self.val_set = open_split(cfg.data, cfg.data.val_split, train=False,
                                   label_map=self.label_map)
         self.num_classes = self.label_map.num_classes
+        if cfg.model.num_classes not in (None, self.num_classes):
+            raise UserError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.root} has "
+                            f"{self.num_classes} categories; remove the key to take it from the data")
         self.model = build_model(cfg.model, self.num_classes).to(self.ctx.device)
         self.criterion = build_criterion(cfg.model, self.num_classes,
                                          reduce_num_boxes=dist.all_reduce_mean)

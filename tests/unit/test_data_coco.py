@@ -159,12 +159,23 @@ def test_unknown_image_id_names_file_and_annotation(tmp_path):
     assert "ann.json" in message and "annotation id 43" in message and "image_id 9" in message
 
 
-def test_bad_image_entry_and_bbox_raise(tmp_path):
+def test_bad_image_entry_raises(tmp_path):
     _, path = _write(tmp_path, [{"id": 1, "file_name": "x.png"}], [], write_images=False)
     with pytest.raises(UserError, match=r"ann\.json.*images\[0\]"):
         CocoDetection(tmp_path, path)
-    _, path = _write(tmp_path, [_image_entry(1)], [_ann(44, 1, 1, [0, 0, 5])])
-    with pytest.raises(UserError, match="annotation id 44"):
+
+
+@pytest.mark.parametrize(
+    "bbox",
+    [[0, 0, 5], [0, 0, "5", 5], None, [[0, 0], 5, 5, 5]],
+    ids=["short", "str", "none", "ragged"],
+)
+def test_bad_bbox_names_file_and_annotation(tmp_path, bbox):
+    good = _ann(1, 1, 1, [0, 0, 5, 5])
+    bad = _ann(44, 1, 1, [0, 0, 5, 5])
+    bad["bbox"] = bbox
+    _, path = _write(tmp_path, [_image_entry(1)], [good, bad], write_images=False)
+    with pytest.raises(UserError, match=r"ann\.json: annotation id 44"):
         CocoDetection(tmp_path, path)
 
 

@@ -1,0 +1,79 @@
+# SPDX-License-Identifier: Apache-2.0
+import argparse
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from detrkit.cli.__main__ import main
+from detrkit.convert.rules import RenameRule, SplitRule, convert_state_dict
+from detrkit.convert.sources import SOURCES
+from detrkit.inference import load_model
+from tests.golden.golden_case import GOLDEN_DIR, GoldenCase
+
+
+def test_rules_report_unmatched_dropped_and_collisions():
+    source = {"a.w": torch.zeros(1), "b.w": torch.zeros(1), "c.w": torch.zeros(1),
+              "qkv": torch.arange(6.0)}
+    rules = [RenameRule(r"(a|b)\.w", "x.w"), RenameRule(r"c\.w", None)]
+    splits = [SplitRule(r"qkv", ("q", "k", "v"))]
+    result = convert_state_dict(source, rules, splits)
+    assert result.collisions == ["x.w"]
+    assert result.dropped == ["c.w"]
+    assert not result.unmatched and not result.clean
+    torch.testing.assert_close(result.state_dict["k"], torch.tensor([2.0, 3.0]))
+    assert convert_state_dict({"zzz": torch.zeros(1)}, rules).unmatched == ["zzz"]
+
+
+def _detr_case() -> GoldenCase:
+    path = GOLDEN_DIR / "detr_r18.json"
+    if not path.is_file():
+        pytest.skip(f"golden case {path} not available")
+    return GoldenCase.load(path)
+
+
+def test_cli_convert_of_official_detr_checkpoint_reproduces_golden_outputs(tmp_path):
+    case = _detr_case()
+    official = tmp_path / "detr.pth"
+    torch.save({"model": case.official_state, "args": argparse.Namespace(**case.spec["args"]),
+                "epoch": 3}, official)
+    out = tmp_path / "detr.safetensors"
+    assert main(["convert", "--from", "detr", str(official), "--out", str(out)]) == 0
+    loaded = load_model(out)
+    assert loaded.label_map.num_classes == 91
+    with torch.no_grad():
+        output = loaded.model(case.batch())
+    torch.testing.assert_close(output.for_inference().logits[-1],
+                               case.tensors["eval.f32.out.pred_logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_args_json_for_files_without_args(tmp_path):
+    case = _detr_case()
+    official = tmp_path / "bare.pth"
+    torch.save({"model": case.official_state}, official)
+    out = tmp_path / "bare.safetensors"
+    assert main(["convert", "--from", "detr", str(official), "--out", str(out)]) == 2
+    args_json = tmp_path / "args.json"
+    args_json.write_text(json.dumps(case.spec["args"]))
+    assert main(["convert", "--from", "detr", str(official), "--out", str(out),
+                 "--args-json", str(args_json)]) == 0
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/detrkit_pwned",))
+
+
+def test_malicious_pickle_is_refused(tmp_path, capsys):
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps({"model": {}, "args": _Exploit()}))
+    assert main(["convert", "--from", "detr", str(evil), "--out", str(tmp_path / "o")]) == 2
+    assert "refused to load" in capsys.readouterr().err
+    assert not os.path.exists("/tmp/detrkit_pwned")
+
+
+def test_every_source_has_rules():
+    for source in SOURCES.values():
+        assert source.rules and source.repos
