@@ -15,6 +15,7 @@ from detrkit.config.build import build_model, build_postprocess
 from detrkit.config.schema import ExperimentConfig
 from detrkit.config.validate import config_from_dict
 from detrkit.data.collate import pad_images
+from detrkit.data.images import to_rgb
 from detrkit.data.labels import LabelMap
 from detrkit.data.transforms import DetectionSample, build_eval_transforms
 from detrkit.engine.checkpoint import load_checkpoint
@@ -88,7 +89,7 @@ class Predictor:
         """Detect objects in RGB PIL images (any sizes)."""
         pixels = []
         for image in images:
-            sample = DetectionSample.from_xyxy(image.convert("RGB"), torch.zeros(0, 4),
+            sample = DetectionSample.from_xyxy(to_rgb(image), torch.zeros(0, 4),
                                                torch.zeros(0, dtype=torch.int64))
             pixels.append(self.transforms(sample).image)
         batch = pad_images(pixels).to(self.device)
