@@ -28,6 +28,7 @@ demo: $(VENV)/.installed
 	$(BIN)/detrkit demo --output-dir runs/demo
 
 test: $(VENV)/.installed-dev
+	$(BIN)/ruff check detrkit tests benchmarks
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-dev

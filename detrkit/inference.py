@@ -39,7 +39,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     """Build the model recorded in a checkpoint (a file or a run folder) and load its weights."""
     found = latest_checkpoint(Path(path))
     if found is None:
-        raise UserError(f"no detrkit checkpoint at {path}; give a .safetensors file or a run folder")
+        raise UserError(
+            f"no detrkit checkpoint at {path}; give a .safetensors file or a run folder"
+        )
     checkpoint = load_checkpoint(found)
     config = config_from_dict(checkpoint.meta["config"], source=str(found))
     label_map = LabelMap.from_dict(checkpoint.meta["label_map"])
@@ -89,8 +91,9 @@ class Predictor:
         """Detect objects in RGB PIL images (any sizes)."""
         pixels = []
         for image in images:
-            sample = DetectionSample.from_xyxy(to_rgb(image), torch.zeros(0, 4),
-                                               torch.zeros(0, dtype=torch.int64))
+            sample = DetectionSample.from_xyxy(
+                to_rgb(image), torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
+            )
             pixels.append(self.transforms(sample).image)
         batch = pad_images(pixels).to(self.device)
         with self.precision.autocast():
@@ -102,6 +105,9 @@ class Predictor:
 
     def _named(self, detections) -> Prediction:
         labels = detections.labels.cpu()
-        return Prediction(detections.boxes_xyxy.cpu(), detections.scores.cpu(),
-                          self.label_map.to_category(labels),
-                          [self.label_map.names[i] for i in labels.tolist()])
+        return Prediction(
+            detections.boxes_xyxy.cpu(),
+            detections.scores.cpu(),
+            self.label_map.to_category(labels),
+            [self.label_map.names[i] for i in labels.tolist()],
+        )

@@ -6,7 +6,8 @@ Box conventions, stated once for the whole package:
 * ``cxcywh`` boxes are (centre x, centre y, width, height) normalised to [0, 1] by the
   *unpadded* image width and height ("cxcywh-n" in the spec).
 * ``xyxy`` boxes are (x1, y1, x2, y2); names say whether they are normalised or absolute pixels.
-* ``reference`` tensors live in sigmoid space ([0, 1]); ``reference_logit`` in inverse-sigmoid space.
+* ``reference`` tensors live in sigmoid space ([0, 1]); ``reference_logit`` in inverse-sigmoid
+  space.
 """
 
 from __future__ import annotations

@@ -19,7 +19,10 @@ def tiny_model_config(**changes) -> ModelConfig:
     """D=32, 2 heads, 1 encoder / 2 decoder layers, 12 queries, ResNet-18 (design.md, testing)."""
     layers = dict(ffn_dim=64, dropout=0.0)
     base = dict(
-        num_classes=TINY_CLASSES, hidden_dim=32, num_heads=2, num_queries=12,
+        num_classes=TINY_CLASSES,
+        hidden_dim=32,
+        num_heads=2,
+        num_queries=12,
         backbone=BackboneConfig(name="resnet18"),
         encoder=TransformerConfig(num_layers=1, **layers),
         decoder=TransformerConfig(num_layers=2, **layers),

@@ -15,15 +15,25 @@ logger = logging.getLogger("detrkit")
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
-                        help="autocast precision (default: the config's train.precision)")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default=None,
+        help="autocast precision (default: the config's train.precision)",
+    )
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="preset name (e.g. detr_r50) or YAML path")
     parser.add_argument("--data", default=None, help="COCO-format dataset folder")
-    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="typed overrides, e.g. model.num_queries=50 train.epochs=12")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="typed overrides, e.g. model.num_queries=50 train.epochs=12",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

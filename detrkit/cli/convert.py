@@ -12,12 +12,21 @@ def register(commands, add_config, add_run) -> None:
     from detrkit.convert.sources import SOURCES
 
     parser = commands.add_parser("convert", help="convert an official checkpoint")
-    parser.add_argument("--from", dest="source", required=True, choices=sorted(SOURCES),
-                        help="layout of the input checkpoint")
+    parser.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        choices=sorted(SOURCES),
+        help="layout of the input checkpoint",
+    )
     parser.add_argument("input", type=Path, help="official .pth file")
     parser.add_argument("--out", required=True, type=Path, help="output .safetensors file")
-    parser.add_argument("--args-json", type=Path, default=None,
-                        help="training arguments as JSON, for files that do not store 'args'")
+    parser.add_argument(
+        "--args-json",
+        type=Path,
+        default=None,
+        help="training arguments as JSON, for files that do not store 'args'",
+    )
     parser.set_defaults(run=run)
 
 

@@ -11,7 +11,9 @@ NUM_DRAWN = 6
 
 
 def register(commands, add_config, add_run) -> None:
-    parser = commands.add_parser("demo", help="train and evaluate a tiny detector on synthetic data")
+    parser = commands.add_parser(
+        "demo", help="train and evaluate a tiny detector on synthetic data"
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
     parser.add_argument("--num-train", type=int, default=256)
     parser.add_argument("--num-val", type=int, default=32)
@@ -22,9 +24,9 @@ def register(commands, add_config, add_run) -> None:
 
 
 def run(args) -> int:
+    from detrkit.cli.common import config_from_args
     from detrkit.data.synth import write_synthetic_coco
     from detrkit.engine.trainer import Trainer
-    from detrkit.cli.common import config_from_args
 
     data_dir = args.output_dir / "data"
     if not (data_dir / "annotations").is_dir():
@@ -35,8 +37,11 @@ def run(args) -> int:
     trainer = Trainer(cfg, run_dir, device=args.device)
     metrics = trainer.fit()
     drawn = draw_examples(run_dir, data_dir / "val", args.device)
-    print(f"\nAP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}\n"
-          f"drawn predictions: {drawn}\ncurves: {run_dir / 'curves.png'}", file=sys.stderr)
+    print(
+        f"\nAP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}\n"
+        f"drawn predictions: {drawn}\ncurves: {run_dir / 'curves.png'}",
+        file=sys.stderr,
+    )
     return 0
 
 

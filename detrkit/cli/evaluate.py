@@ -14,8 +14,9 @@ def register(commands, add_config, add_run) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint or run folder")
     parser.add_argument("--data", required=True, help="COCO-format dataset folder")
     parser.add_argument("--split", default=None, help="split name (default: the config's val)")
-    parser.add_argument("--output-dir", type=Path, default=None,
-                        help="where to write results and metrics JSON")
+    parser.add_argument(
+        "--output-dir", type=Path, default=None, help="where to write results and metrics JSON"
+    )
     parser.add_argument("--batch-size", type=int, default=None)
     add_run(parser)
     parser.set_defaults(run=run)
@@ -39,9 +40,15 @@ def run(args) -> int:
     precision = Precision(args.precision or "fp32", device.type)
     from detrkit.config.build import build_postprocess
 
-    metrics, results = evaluate(loaded.model, build_postprocess(loaded.config.model),
-                                eval_loader(dataset, data_cfg), dataset.coco_json,
-                                loaded.label_map.category_ids, device, precision)
+    metrics, results = evaluate(
+        loaded.model,
+        build_postprocess(loaded.config.model),
+        eval_loader(dataset, data_cfg),
+        dataset.coco_json,
+        loaded.label_map.category_ids,
+        device,
+        precision,
+    )
     print(metrics.format_table())
     out = args.output_dir or loaded.path.parent.parent
     out.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,9 @@ def register(commands, add_config, add_run) -> None:
     parser.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint or run folder")
     parser.add_argument("--output-dir", required=True, type=Path)
-    parser.add_argument("--score-threshold", type=float, default=0.3,
-                        help="minimum score drawn and written")
+    parser.add_argument(
+        "--score-threshold", type=float, default=0.3, help="minimum score drawn and written"
+    )
     parser.add_argument("--batch-size", type=int, default=2)
     add_run(parser)
     parser.set_defaults(run=run)
@@ -46,7 +47,7 @@ def run(args) -> int:
     paths = collect_images(args.inputs)
     records = []
     for start in range(0, len(paths), args.batch_size):
-        chunk = paths[start:start + args.batch_size]
+        chunk = paths[start : start + args.batch_size]
         records += predict_and_draw(predictor, chunk, args.output_dir, args.score_threshold)
     out = args.output_dir / "predictions.json"
     out.write_text(json.dumps(records, indent=1))
@@ -64,12 +65,24 @@ def predict_and_draw(predictor, paths: list[Path], output_dir: Path, threshold: 
     for path, image, pred in zip(paths, images, predictor(images)):
         keep = pred.scores >= threshold
         names = [n for n, k in zip(pred.names, keep.tolist()) if k]
-        drawn = draw_detections(image, pred.boxes_xyxy[keep], pred.scores[keep], names,
-                                score_threshold=threshold)
+        drawn = draw_detections(
+            image, pred.boxes_xyxy[keep], pred.scores[keep], names, score_threshold=threshold
+        )
         drawn.save(output_dir / f"{path.stem}.png")
-        for box, score, cat, name in zip(pred.boxes_xyxy[keep].tolist(), pred.scores[keep].tolist(),
-                                         pred.category_ids[keep].tolist(), names):
+        for box, score, cat, name in zip(
+            pred.boxes_xyxy[keep].tolist(),
+            pred.scores[keep].tolist(),
+            pred.category_ids[keep].tolist(),
+            names,
+        ):
             x1, y1, x2, y2 = box
-            records.append({"file_name": path.name, "category_id": cat, "category_name": name,
-                            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+            records.append(
+                {
+                    "file_name": path.name,
+                    "category_id": cat,
+                    "category_name": name,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": score,
+                }
+            )
     return records

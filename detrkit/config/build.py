@@ -48,8 +48,14 @@ def build_position(cfg: ModelConfig) -> nn.Module:
 def build_encoder(cfg: ModelConfig) -> DetrEncoder:
     enc = cfg.encoder
     layers = [
-        EncoderLayer(cfg.hidden_dim, cfg.num_heads, enc.ffn_dim, dropout=enc.dropout,
-                     activation=enc.activation, pre_norm=enc.pre_norm)
+        EncoderLayer(
+            cfg.hidden_dim,
+            cfg.num_heads,
+            enc.ffn_dim,
+            dropout=enc.dropout,
+            activation=enc.activation,
+            pre_norm=enc.pre_norm,
+        )
         for _ in range(enc.num_layers)
     ]
     return DetrEncoder(layers, nn.LayerNorm(cfg.hidden_dim) if enc.pre_norm else None)
@@ -62,7 +68,9 @@ def build_decoder(cfg: ModelConfig) -> Decoder:
             self_attn=SelfAttention(dim, cfg.num_heads, dec.dropout),
             cross_attn=CrossAttention(dim, cfg.num_heads, dec.dropout),
             ffn=FFN(dim, dec.ffn_dim, dec.dropout, dec.activation),
-            dim=dim, dropout=dec.dropout, pre_norm=dec.pre_norm,
+            dim=dim,
+            dropout=dec.dropout,
+            pre_norm=dec.pre_norm,
         )
         for _ in range(dec.num_layers)
     ]
@@ -72,12 +80,19 @@ def build_decoder(cfg: ModelConfig) -> Decoder:
 def build_model(cfg: ModelConfig, num_classes: int | None = None) -> QueryDetector:
     """Assemble the detector described by ``cfg`` (weights freshly initialised)."""
     classes = resolved_num_classes(cfg, num_classes)
-    backbone = ResNetBackbone(cfg.backbone.name, return_stages=("c5",),
-                              dilation=cfg.backbone.dilation, trainable=cfg.backbone.trainable)
+    backbone = ResNetBackbone(
+        cfg.backbone.name,
+        return_stages=("c5",),
+        dilation=cfg.backbone.dilation,
+        trainable=cfg.backbone.trainable,
+        frozen_stages=cfg.backbone.frozen_stages,
+        norm=cfg.backbone.norm,
+    )
     if cfg.backbone.weights:
         backbone.load_pretrained(cfg.backbone.weights)
-    neck = ChannelMapper(list(backbone.out_channels.values()), cfg.hidden_dim,
-                         position=build_position(cfg))
+    neck = ChannelMapper(
+        list(backbone.out_channels.values()), cfg.hidden_dim, position=build_position(cfg)
+    )
     return QueryDetector(
         backbone=backbone,
         neck=neck,
@@ -90,7 +105,8 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> QueryDetect
 
 
 def build_criterion(
-    cfg: ModelConfig, num_classes: int | None = None,
+    cfg: ModelConfig,
+    num_classes: int | None = None,
     reduce_num_boxes: Callable[[Tensor], Tensor] = lambda n: n,
 ) -> SetCriterion:
     """Matching and losses as configured (softmax CE or sigmoid focal, L1, GIoU)."""
@@ -102,8 +118,12 @@ def build_criterion(
         class_cost = FocalClassCost(loss.focal_alpha, loss.focal_gamma)
         class_term = SigmoidFocalTerm(loss.focal_alpha, loss.focal_gamma)
     matcher = cfg.matcher
-    hungarian = HungarianAssigner(class_cost, cost_class=matcher.cost_class,
-                                  cost_bbox=matcher.cost_bbox, cost_giou=matcher.cost_giou)
+    hungarian = HungarianAssigner(
+        class_cost,
+        cost_class=matcher.cost_class,
+        cost_bbox=matcher.cost_bbox,
+        cost_giou=matcher.cost_giou,
+    )
     return SetCriterion(
         assigners={"hungarian": hungarian},
         terms={"cls": class_term, "l1": L1Term(), "giou": GIoUTerm()},

@@ -22,14 +22,20 @@ class BackboneConfig:
         name: torchvision ResNet variant.
         dilation: DC5, i.e. layer4 with stride 1 and dilation 2 (original flag ``--dilation``).
         weights: local path to ImageNet weights (torchvision or timm format), never downloaded.
-        trainable: train layer2-4 (the stem and layer1 stay frozen); False freezes everything,
-            like ``--lr_backbone 0``.
+        trainable: train the stages after ``frozen_stages``; False freezes everything, like
+            ``--lr_backbone 0``.
+        frozen_stages: leading stages kept frozen: 1 = stem and layer1 (the originals), 0 = none
+            (training from scratch).
+        norm: "frozen_bn" (the originals, for pretrained weights) or "bn" (trainable
+            BatchNorm, for backbones trained from scratch).
     """
 
     name: BackboneName = "resnet50"
     dilation: bool = False
     weights: str | None = None
     trainable: bool = True
+    frozen_stages: int = 1
+    norm: Literal["frozen_bn", "bn"] = "frozen_bn"
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,8 @@ class PositionConfig:
     Attributes:
         kind: "sine" (all released models) or "learned" (row/column embeddings).
         temperature: T of the sine frequencies.
-        offset: added to the cumulative coordinate before normalising (-0.5 in the Deformable family).
+        offset: added to the cumulative coordinate before normalising (-0.5 in the Deformable
+            family).
     """
 
     kind: Literal["sine", "learned"] = "sine"

@@ -49,8 +49,9 @@ def official_args(data: dict) -> dict | None:
     return args if isinstance(args, dict) else None
 
 
-def convert_official(source: SourceFormat, path: Path, out: Path,
-                     args_override: dict | None = None) -> ConversionResult:
+def convert_official(
+    source: SourceFormat, path: Path, out: Path, args_override: dict | None = None
+) -> ConversionResult:
     """Convert ``path`` (official layout) to a detrkit checkpoint at ``out``; strict throughout."""
     data = read_official_checkpoint(path)
     state = data.get("model", data)
@@ -65,11 +66,17 @@ def convert_official(source: SourceFormat, path: Path, out: Path,
     try:
         model.load_state_dict(result.state_dict, strict=True)
     except RuntimeError as error:
-        raise UserError(f"converted weights do not fit the model built from {path}'s args: "
-                        f"{str(error)[:800]}") from error
+        raise UserError(
+            f"converted weights do not fit the model built from {path}'s args: {str(error)[:800]}"
+        ) from error
     label_map = LabelMap.identity(config.model.num_classes)
-    meta = {"format_version": FORMAT_VERSION, "config": config_to_dict(config),
-            "label_map": label_map.to_dict(), "epoch": 0, "step": 0,
-            "converted_from": {"source": source.name, "file": path.name}}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "config": config_to_dict(config),
+        "label_map": label_map.to_dict(),
+        "epoch": 0,
+        "step": 0,
+        "converted_from": {"source": source.name, "file": path.name},
+    }
     save_checkpoint(out, model=model.state_dict(), state={}, meta=meta)
     return result

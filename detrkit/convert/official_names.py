@@ -2,7 +2,8 @@
 """Official output and loss names of the DETR-style repositories, in detrkit terms.
 
 The originals name outputs ``pred_logits`` / ``aux_outputs.{i}.pred_boxes`` and losses
-``loss_ce`` / ``loss_bbox_3``; detrkit names a (group, layer, field) and ``{group}/{term}/d{layer}``.
+``loss_ce`` / ``loss_bbox_3``; detrkit names a (group, layer, field) and
+``{group}/{term}/d{layer}``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def official_output(path: str, num_layers: int) -> OutputRef | None:
 
 
 def official_loss(name: str, num_layers: int) -> str | None:
-    """``loss_ce`` / ``loss_giou_2`` -> ``main/cls/d{L-1}`` / ``main/giou/d2``; None if not a loss."""
+    """``loss_ce`` / ``loss_giou_2`` -> ``main/cls/d{L-1}`` / ``main/giou/d2``; else None."""
     match = re.fullmatch(r"(loss_ce|loss_bbox|loss_giou)(?:_(\d+))?", name)
     if not match:
         return None

@@ -57,8 +57,9 @@ class ConversionResult:
         return "; ".join(parts)
 
 
-def _convert_one(key: str, value: Tensor, rules: Sequence[RenameRule],
-                 splits: Sequence[SplitRule]) -> list[tuple[str, Tensor]] | None:
+def _convert_one(
+    key: str, value: Tensor, rules: Sequence[RenameRule], splits: Sequence[SplitRule]
+) -> list[tuple[str, Tensor]] | None:
     """[(new key, tensor)], [] when dropped on purpose, None when no rule matches."""
     for split in splits:
         match = re.fullmatch(split.pattern, key)

@@ -39,10 +39,15 @@ def _group_count(pattern: str) -> int:
 
 _DETR_LAYER = r"transformer\.(encoder|decoder)\.layers\.(\d+)"
 DETR_SPLITS = (
-    _mha_split(r"transformer\.encoder\.layers\.(\d+)\.self_attn", r"encoder.layers.\1.self_attn.attn"),
-    _mha_split(r"transformer\.decoder\.layers\.(\d+)\.self_attn", r"decoder.layers.\1.self_attn.attn"),
-    _mha_split(r"transformer\.decoder\.layers\.(\d+)\.multihead_attn",
-               r"decoder.layers.\1.cross_attn.attn"),
+    _mha_split(
+        r"transformer\.encoder\.layers\.(\d+)\.self_attn", r"encoder.layers.\1.self_attn.attn"
+    ),
+    _mha_split(
+        r"transformer\.decoder\.layers\.(\d+)\.self_attn", r"decoder.layers.\1.self_attn.attn"
+    ),
+    _mha_split(
+        r"transformer\.decoder\.layers\.(\d+)\.multihead_attn", r"decoder.layers.\1.cross_attn.attn"
+    ),
 )
 DETR_RULES = (
     RenameRule(r"backbone\.0\.body\.(.+)", r"backbone.\1"),
@@ -50,21 +55,35 @@ DETR_RULES = (
     RenameRule(r"query_embed\.weight", r"queries.query_embed.weight"),
     RenameRule(r"class_embed\.(weight|bias)", r"head.class_embed.0.\1"),
     RenameRule(r"bbox_embed\.layers\.(\d)\.(weight|bias)", r"head.bbox_embed.0.layers.\1.\2"),
-    RenameRule(rf"{_DETR_LAYER}\.self_attn\.out_proj\.(weight|bias)",
-               r"\1.layers.\2.self_attn.attn.out_proj.\3"),
-    RenameRule(rf"{_DETR_LAYER}\.multihead_attn\.out_proj\.(weight|bias)",
-               r"\1.layers.\2.cross_attn.attn.out_proj.\3"),
+    RenameRule(
+        rf"{_DETR_LAYER}\.self_attn\.out_proj\.(weight|bias)",
+        r"\1.layers.\2.self_attn.attn.out_proj.\3",
+    ),
+    RenameRule(
+        rf"{_DETR_LAYER}\.multihead_attn\.out_proj\.(weight|bias)",
+        r"\1.layers.\2.cross_attn.attn.out_proj.\3",
+    ),
     RenameRule(rf"{_DETR_LAYER}\.linear(1|2)\.(weight|bias)", r"\1.layers.\2.ffn.linear\3.\4"),
-    RenameRule(r"transformer\.encoder\.layers\.(\d+)\.norm1\.(weight|bias)",
-               r"encoder.layers.\1.self_attn_norm.\2"),
-    RenameRule(r"transformer\.encoder\.layers\.(\d+)\.norm2\.(weight|bias)",
-               r"encoder.layers.\1.ffn_norm.\2"),
-    RenameRule(r"transformer\.decoder\.layers\.(\d+)\.norm1\.(weight|bias)",
-               r"decoder.layers.\1.self_attn_norm.\2"),
-    RenameRule(r"transformer\.decoder\.layers\.(\d+)\.norm2\.(weight|bias)",
-               r"decoder.layers.\1.cross_attn_norm.\2"),
-    RenameRule(r"transformer\.decoder\.layers\.(\d+)\.norm3\.(weight|bias)",
-               r"decoder.layers.\1.ffn_norm.\2"),
+    RenameRule(
+        r"transformer\.encoder\.layers\.(\d+)\.norm1\.(weight|bias)",
+        r"encoder.layers.\1.self_attn_norm.\2",
+    ),
+    RenameRule(
+        r"transformer\.encoder\.layers\.(\d+)\.norm2\.(weight|bias)",
+        r"encoder.layers.\1.ffn_norm.\2",
+    ),
+    RenameRule(
+        r"transformer\.decoder\.layers\.(\d+)\.norm1\.(weight|bias)",
+        r"decoder.layers.\1.self_attn_norm.\2",
+    ),
+    RenameRule(
+        r"transformer\.decoder\.layers\.(\d+)\.norm2\.(weight|bias)",
+        r"decoder.layers.\1.cross_attn_norm.\2",
+    ),
+    RenameRule(
+        r"transformer\.decoder\.layers\.(\d+)\.norm3\.(weight|bias)",
+        r"decoder.layers.\1.ffn_norm.\2",
+    ),
     RenameRule(r"transformer\.encoder\.norm\.(weight|bias)", r"encoder.final_norm.\1"),
     RenameRule(r"transformer\.decoder\.norm\.(weight|bias)", r"decoder.output_norm.\1"),
 )
@@ -76,29 +95,45 @@ _DETR_NUM_CLASSES = {"coco": 91, "coco_panoptic": 250}
 def detr_config(args: Mapping[str, Any]) -> ExperimentConfig:
     """The detrkit config equal to an official DETR run's ``args`` (spec C1.6)."""
     if args.get("masks"):
-        raise UserError("DETR segmentation checkpoints (--masks) are not supported; "
-                        "convert a box-only checkpoint")
-    transformer = dict(ffn_dim=args["dim_feedforward"], dropout=args["dropout"],
-                       pre_norm=args["pre_norm"])
+        raise UserError(
+            "DETR segmentation checkpoints (--masks) are not supported; "
+            "convert a box-only checkpoint"
+        )
+    transformer = dict(
+        ffn_dim=args["dim_feedforward"], dropout=args["dropout"], pre_norm=args["pre_norm"]
+    )
     model = ModelConfig(
         num_classes=_DETR_NUM_CLASSES.get(args.get("dataset_file", "coco"), 91),
-        hidden_dim=args["hidden_dim"], num_heads=args["nheads"], num_queries=args["num_queries"],
-        backbone=BackboneConfig(name=args["backbone"], dilation=args["dilation"],
-                                trainable=args["lr_backbone"] > 0),
+        hidden_dim=args["hidden_dim"],
+        num_heads=args["nheads"],
+        num_queries=args["num_queries"],
+        backbone=BackboneConfig(
+            name=args["backbone"], dilation=args["dilation"], trainable=args["lr_backbone"] > 0
+        ),
         position=PositionConfig(kind=_position_kind(args["position_embedding"])),
         encoder=TransformerConfig(num_layers=args["enc_layers"], **transformer),
         decoder=TransformerConfig(num_layers=args["dec_layers"], **transformer),
         matcher=MatcherConfig(args["set_cost_class"], args["set_cost_bbox"], args["set_cost_giou"]),
-        loss=LossConfig(class_loss="softmax_ce", bbox_weight=args["bbox_loss_coef"],
-                        giou_weight=args["giou_loss_coef"], eos_coef=args["eos_coef"],
-                        aux_loss=args["aux_loss"]),
+        loss=LossConfig(
+            class_loss="softmax_ce",
+            bbox_weight=args["bbox_loss_coef"],
+            giou_weight=args["giou_loss_coef"],
+            eos_coef=args["eos_coef"],
+            aux_loss=args["aux_loss"],
+        ),
     )
     train = TrainConfig(
-        epochs=args["epochs"], lr=args["lr"], lr_backbone=args["lr_backbone"],
-        weight_decay=args["weight_decay"], lr_drop=args["lr_drop"],
-        clip_max_norm=args["clip_max_norm"], seed=args["seed"],
+        epochs=args["epochs"],
+        lr=args["lr"],
+        lr_backbone=args["lr_backbone"],
+        weight_decay=args["weight_decay"],
+        lr_drop=args["lr_drop"],
+        clip_max_norm=args["clip_max_norm"],
+        seed=args["seed"],
     )
-    return ExperimentConfig(model=model, data=DataConfig(batch_size=args["batch_size"]), train=train)
+    return ExperimentConfig(
+        model=model, data=DataConfig(batch_size=args["batch_size"]), train=train
+    )
 
 
 def _position_kind(value: str) -> str:

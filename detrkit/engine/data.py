@@ -72,25 +72,38 @@ def open_split(cfg: DataConfig, split: str, train: bool, label_map: LabelMap | N
     return CocoDetection(images_dir, annotations, transforms, label_map=label_map)
 
 
-def train_loader(dataset: Dataset, cfg: DataConfig, seed: int, *, rank: int = 0,
-                 world_size: int = 1) -> DataLoader:
-    """Shuffled, resumable, drop-last loader; ``loader.batch_sampler.sampler.sampler`` is resumable."""
+def train_loader(
+    dataset: Dataset, cfg: DataConfig, seed: int, *, rank: int = 0, world_size: int = 1
+) -> DataLoader:
+    """Shuffled, resumable, drop-last loader (``loader.sampler.sampler`` is resumable)."""
     if len(dataset) < cfg.batch_size * world_size:
-        raise UserError(f"the training split has {len(dataset)} images, fewer than one batch "
-                        f"({cfg.batch_size} x {world_size} processes); lower data.batch_size")
+        raise UserError(
+            f"the training split has {len(dataset)} images, fewer than one batch "
+            f"({cfg.batch_size} x {world_size} processes); lower data.batch_size"
+        )
     sampler = ResumableRandomSampler(len(dataset), seed, num_replicas=world_size, rank=rank)
     return DataLoader(
-        SeededDataset(dataset), batch_size=cfg.batch_size, sampler=SeededSampler(sampler, seed),
-        num_workers=cfg.num_workers, collate_fn=collate, drop_last=True,
+        SeededDataset(dataset),
+        batch_size=cfg.batch_size,
+        sampler=SeededSampler(sampler, seed),
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+        drop_last=True,
         generator=torch.Generator().manual_seed(seed),
     )
 
 
-def eval_loader(dataset: Dataset, cfg: DataConfig, *, rank: int = 0,
-                world_size: int = 1) -> DataLoader:
+def eval_loader(
+    dataset: Dataset, cfg: DataConfig, *, rank: int = 0, world_size: int = 1
+) -> DataLoader:
     """Sequential loader; each rank evaluates a disjoint strided shard."""
     sampler = ShardedSequentialSampler(len(dataset), num_replicas=world_size, rank=rank)
     return DataLoader(
-        dataset, batch_size=cfg.eval_batch_size, sampler=sampler, num_workers=cfg.num_workers,
-        collate_fn=collate, drop_last=False, generator=torch.Generator().manual_seed(0),
+        dataset,
+        batch_size=cfg.eval_batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+        drop_last=False,
+        generator=torch.Generator().manual_seed(0),
     )

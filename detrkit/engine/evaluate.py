@@ -16,8 +16,11 @@ from detrkit.structures import Detections, ImageBatch, Target
 
 @torch.no_grad()
 def predict_batches(
-    model: nn.Module, postprocess: nn.Module, loader: Iterable[tuple[ImageBatch, list[Target]]],
-    device: torch.device, precision: Precision,
+    model: nn.Module,
+    postprocess: nn.Module,
+    loader: Iterable[tuple[ImageBatch, list[Target]]],
+    device: torch.device,
+    precision: Precision,
 ):
     """Yield (targets, detections on the CPU in original-image pixels) per batch."""
     model.eval()
@@ -28,14 +31,20 @@ def predict_batches(
         group.logits, group.boxes = group.logits.float(), group.boxes.float()
         sizes = torch.tensor([t.orig_size for t in targets], device=device)
         detections = postprocess(group, sizes)
-        yield targets, [
-            Detections(d.boxes_xyxy.cpu(), d.scores.cpu(), d.labels.cpu()) for d in detections
-        ]
+        yield (
+            targets,
+            [Detections(d.boxes_xyxy.cpu(), d.scores.cpu(), d.labels.cpu()) for d in detections],
+        )
 
 
 def evaluate(
-    model: nn.Module, postprocess: nn.Module, loader, evaluator_source, label_to_category,
-    device: torch.device, precision: Precision,
+    model: nn.Module,
+    postprocess: nn.Module,
+    loader,
+    evaluator_source,
+    label_to_category,
+    device: torch.device,
+    precision: Precision,
 ) -> tuple[CocoMetrics, list[dict]]:
     """COCO metrics over ``loader`` and the gathered results (meaningful on rank 0)."""
     evaluator = CocoEvaluator(evaluator_source, label_to_category, all_gather=all_gather_object)

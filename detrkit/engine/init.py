@@ -10,7 +10,9 @@ from torch import Tensor, nn
 from detrkit.errors import UserError
 
 
-def load_weights_report(model: nn.Module, weights: Mapping[str, Tensor], allow_partial: bool) -> str:
+def load_weights_report(
+    model: nn.Module, weights: Mapping[str, Tensor], allow_partial: bool
+) -> str:
     """Load matching tensors; report missing, unexpected and re-initialised (shape-mismatched) keys.
 
     A class head of another size (fine-tuning on a new label set) is the usual mismatch; it is
@@ -30,5 +32,7 @@ def load_weights_report(model: nn.Module, weights: Mapping[str, Tensor], allow_p
             "to load what fits and re-initialise the rest"
         )
     model.load_state_dict(usable, strict=False)
-    return (f"{len(usable)} tensors loaded; re-initialised (shape mismatch): {mismatched}; "
-            f"missing: {missing}; unexpected: {unexpected}")
+    return (
+        f"{len(usable)} tensors loaded; re-initialised (shape mismatch): {mismatched}; "
+        f"missing: {missing}; unexpected: {unexpected}"
+    )

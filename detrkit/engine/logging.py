@@ -19,8 +19,10 @@ class JsonlWriter:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                 for k, v in record.items()}
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()
+        }
         with self.path.open("a") as handle:
             handle.write(json.dumps(clean) + "\n")
 

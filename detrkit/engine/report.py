@@ -13,11 +13,16 @@ from detrkit.visualize import plot_curves
 logger = logging.getLogger(__name__)
 
 
-def report_eval(metrics: CocoMetrics, results: list[dict], output_dir: Path, loop,
-                log: JsonlWriter) -> None:
+def report_eval(
+    metrics: CocoMetrics, results: list[dict], output_dir: Path, loop, log: JsonlWriter
+) -> None:
     """Log the 12-number table, write ``results_val.json``, append to metrics, redraw curves."""
-    logger.info("COCO evaluation after epoch %d (step %d):\n%s", loop.epoch, loop.step,
-                metrics.format_table())
+    logger.info(
+        "COCO evaluation after epoch %d (step %d):\n%s",
+        loop.epoch,
+        loop.step,
+        metrics.format_table(),
+    )
     write_results_json(output_dir / "results_val.json", results)
     log.write({"kind": "eval", "epoch": loop.epoch, "step": loop.step, **metrics.as_dict()})
     plot_curves(read_jsonl(log.path), output_dir / "curves.png")

@@ -33,8 +33,12 @@ def _no_sync(model: nn.Module, last: bool):
 
 
 def train_step(
-    model: nn.Module, criterion: SetCriterion, micro_batches: Sequence[tuple[ImageBatch, list[Target]]],
-    optimizer: torch.optim.Optimizer, precision: Precision, max_grad_norm: float | None,
+    model: nn.Module,
+    criterion: SetCriterion,
+    micro_batches: Sequence[tuple[ImageBatch, list[Target]]],
+    optimizer: torch.optim.Optimizer,
+    precision: Precision,
+    max_grad_norm: float | None,
 ) -> StepResult:
     """Forward/backward every micro-batch, then clip and step unless anything is non-finite."""
     optimizer.zero_grad(set_to_none=True)

@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -27,7 +26,12 @@ from detrkit.engine.logging import JsonlWriter
 from detrkit.engine.optim import build_lr_scheduler, build_optimizer, describe_param_groups
 from detrkit.engine.precision import Precision
 from detrkit.engine.state import (
-    CHECKPOINT_PATTERN, checkpoint_path, git_sha, restore_rng_state, rng_state, seed_everything,
+    CHECKPOINT_PATTERN,
+    checkpoint_path,
+    git_sha,
+    restore_rng_state,
+    rng_state,
+    seed_everything,
 )
 from detrkit.engine.step import train_step
 from detrkit.errors import UserError
@@ -62,29 +66,45 @@ class Trainer:
         device: "cpu", "cuda", "mps" or None for the best available.
     """
 
-    def __init__(self, cfg: ExperimentConfig, output_dir: Path, *, resume: Path | None = None,
-                 init_from: Path | None = None, allow_partial: bool = False,
-                 device: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        output_dir: Path,
+        *,
+        resume: Path | None = None,
+        init_from: Path | None = None,
+        allow_partial: bool = False,
+        device: str | None = None,
+    ) -> None:
         self.cfg, self.output_dir = cfg, Path(output_dir)
         self.ctx = dist.init_distributed(device)
         seed_everything(cfg.train.seed + self.ctx.rank)
         self.train_set = open_split(cfg.data, cfg.data.train_split, train=True)
         self.label_map: LabelMap = self.train_set.label_map
-        self.val_set = open_split(cfg.data, cfg.data.val_split, train=False,
-                                  label_map=self.label_map)
+        self.val_set = open_split(
+            cfg.data, cfg.data.val_split, train=False, label_map=self.label_map
+        )
         self.num_classes = self.label_map.num_classes
         if cfg.model.num_classes not in (None, self.num_classes):
-            raise UserError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.root} has "
-                            f"{self.num_classes} categories; remove the key to take it from the data")
+            raise UserError(
+                f"model.num_classes={cfg.model.num_classes} but {cfg.data.root} has "
+                f"{self.num_classes} categories; remove the key to take it from the data"
+            )
         self.model = build_model(cfg.model, self.num_classes).to(self.ctx.device)
-        self.criterion = build_criterion(cfg.model, self.num_classes,
-                                         reduce_num_boxes=dist.all_reduce_mean)
+        self.criterion = build_criterion(
+            cfg.model, self.num_classes, reduce_num_boxes=dist.all_reduce_mean
+        )
         self.postprocess = build_postprocess(cfg.model)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.train)
         self.precision = Precision(cfg.train.precision, self.ctx.device.type)
-        self.loader = train_loader(self.train_set, cfg.data, cfg.train.seed,
-                                   rank=self.ctx.rank, world_size=self.ctx.world_size)
+        self.loader = train_loader(
+            self.train_set,
+            cfg.data,
+            cfg.train.seed,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+        )
         self.loop = LoopState()
         self.last_table = ""
         self.checkpoint_dir = self.output_dir / "checkpoints"
@@ -118,16 +138,22 @@ class Trainer:
         }
 
     def meta(self) -> dict:
-        return {"format_version": FORMAT_VERSION, "config": config_to_dict(self.cfg),
-                "label_map": self.label_map.to_dict(), "epoch": self.loop.epoch,
-                "step": self.loop.step, "git_sha": git_sha()}
+        return {
+            "format_version": FORMAT_VERSION,
+            "config": config_to_dict(self.cfg),
+            "label_map": self.label_map.to_dict(),
+            "epoch": self.loop.epoch,
+            "step": self.loop.step,
+            "git_sha": git_sha(),
+        }
 
     def save(self) -> Path | None:
         """Write a checkpoint of the current state (rank 0) and prune old ones."""
         path = checkpoint_path(self.checkpoint_dir, self.loop.step)
         if self.ctx.is_main:
-            save_checkpoint(path, model=self.model.state_dict(), state=self.state(),
-                            meta=self.meta())
+            save_checkpoint(
+                path, model=self.model.state_dict(), state=self.state(), meta=self.meta()
+            )
             prune_checkpoints(self.checkpoint_dir, CHECKPOINT_PATTERN, self.cfg.train.keep_last)
         dist.barrier()
         return path
@@ -136,8 +162,10 @@ class Trainer:
         checkpoint = load_checkpoint(path)
         saved_map = LabelMap.from_dict(checkpoint.meta["label_map"])
         if saved_map != self.label_map:
-            raise UserError(f"{path} was trained on other categories than {self.cfg.data.root}; "
-                            "use --init-from to fine-tune on a new label set")
+            raise UserError(
+                f"{path} was trained on other categories than {self.cfg.data.root}; "
+                "use --init-from to fine-tune on a new label set"
+            )
         self.model.load_state_dict(checkpoint.model, strict=True)
         state = checkpoint.state
         self.optimizer.load_state_dict(state["optimizer"])
@@ -180,7 +208,9 @@ class Trainer:
         return self.cfg.train.max_steps is not None and self.loop.step >= self.cfg.train.max_steps
 
     def _steps_per_epoch(self) -> int:
-        return self.sampler.num_samples // self.cfg.data.batch_size // self.cfg.train.grad_accum_steps
+        return (
+            self.sampler.num_samples // self.cfg.data.batch_size // self.cfg.train.grad_accum_steps
+        )
 
     def _epoch_finished(self) -> bool:
         return self.loop.steps_in_epoch >= self._steps_per_epoch()
@@ -191,8 +221,13 @@ class Trainer:
         self.sampler.skip(self.loop.steps_in_epoch * accum * self.cfg.data.batch_size)
         batches = iter(self.loader)
         remaining = self._steps_per_epoch() - self.loop.steps_in_epoch
-        progress = tqdm(total=remaining, disable=not self.ctx.is_main, leave=False,
-                        desc=f"epoch {self.loop.epoch}", dynamic_ncols=True)
+        progress = tqdm(
+            total=remaining,
+            disable=not self.ctx.is_main,
+            leave=False,
+            desc=f"epoch {self.loop.epoch}",
+            dynamic_ncols=True,
+        )
         for _ in range(remaining):
             micro = [self._to_device(b) for b in itertools.islice(batches, accum)]
             self._one_step(micro, progress)
@@ -207,18 +242,31 @@ class Trainer:
     def _one_step(self, micro, progress) -> None:
         started = time.perf_counter()
         self.ddp_model.train()
-        result = train_step(self.ddp_model, self.criterion, micro, self.optimizer, self.precision,
-                            self.cfg.train.clip_max_norm or None)
+        result = train_step(
+            self.ddp_model,
+            self.criterion,
+            micro,
+            self.optimizer,
+            self.precision,
+            self.cfg.train.clip_max_norm or None,
+        )
         self.loop.step += 1
         self.loop.steps_in_epoch += 1
         self._check_finite(result, micro)
         progress.set_postfix(loss=f"{result.loss:.3f}")
         progress.update()
         if self.loop.step % self.cfg.train.log_every == 0 or self.loop.step == 1:
-            self.log.write({"kind": "train", "epoch": self.loop.epoch, "step": self.loop.step,
-                            "loss": result.loss, "grad_norm": result.grad_norm,
-                            "lr": self.optimizer.param_groups[-1]["lr"],
-                            "seconds": time.perf_counter() - started})
+            self.log.write(
+                {
+                    "kind": "train",
+                    "epoch": self.loop.epoch,
+                    "step": self.loop.step,
+                    "loss": result.loss,
+                    "grad_norm": result.grad_norm,
+                    "lr": self.optimizer.param_groups[-1]["lr"],
+                    "seconds": time.perf_counter() - started,
+                }
+            )
         every = self.cfg.train.checkpoint_every
         if every and self.loop.step % every == 0 and not self._epoch_finished():
             self.save()
@@ -229,22 +277,36 @@ class Trainer:
             return
         self.loop.nonfinite_streak += 1
         image_ids = [t.image_id for _, targets in micro for t in targets]
-        logger.warning("step %d: non-finite loss %.4g or grad norm %.4g; step skipped "
-                       "(images %s)", self.loop.step, result.loss, result.grad_norm, image_ids)
+        logger.warning(
+            "step %d: non-finite loss %.4g or grad norm %.4g; step skipped (images %s)",
+            self.loop.step,
+            result.loss,
+            result.grad_norm,
+            image_ids,
+        )
         if self.loop.nonfinite_streak >= self.cfg.train.max_nonfinite_steps:
             raise TrainingDiverged(
                 f"{self.loop.nonfinite_streak} consecutive non-finite steps (last images "
                 f"{image_ids}); lower train.lr, check the data with the images named above, or "
-                "use --precision fp32")
+                "use --precision fp32"
+            )
 
     def evaluate(self) -> dict:
         """COCO evaluation on the val split; writes results JSON and logs the table (rank 0)."""
         from detrkit.engine.report import report_eval
 
-        loader = eval_loader(self.val_set, self.cfg.data, rank=self.ctx.rank,
-                             world_size=self.ctx.world_size)
-        metrics, results = evaluate(self.model, self.postprocess, loader, self.val_set.coco_json,
-                                    self.label_map.category_ids, self.ctx.device, self.precision)
+        loader = eval_loader(
+            self.val_set, self.cfg.data, rank=self.ctx.rank, world_size=self.ctx.world_size
+        )
+        metrics, results = evaluate(
+            self.model,
+            self.postprocess,
+            loader,
+            self.val_set.coco_json,
+            self.label_map.category_ids,
+            self.ctx.device,
+            self.precision,
+        )
         if self.ctx.is_main:
             report_eval(metrics, results, self.output_dir, self.loop, self.log)
         self.last_table = metrics.format_table()

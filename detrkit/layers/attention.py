@@ -105,7 +105,10 @@ class CrossAttention(nn.Module):
         self.attn = MultiHeadAttention(dim, num_heads, dropout)
 
     def forward(
-        self, query: Tensor, query_pos: Tensor | None, reference: Tensor | None,
+        self,
+        query: Tensor,
+        query_pos: Tensor | None,
+        reference: Tensor | None,
         memory: EncoderMemory,
     ) -> Tensor:
         """query, query_pos: [B, Q, D]; ``reference`` is unused (global attention) -> [B, Q, D]."""

@@ -37,8 +37,12 @@ class SetCriterion(nn.Module):
     """
 
     def __init__(
-        self, *, assigners: Mapping[str, object], terms: Mapping[str, nn.Module],
-        term_weights: Mapping[str, float], aux_loss: bool = True,
+        self,
+        *,
+        assigners: Mapping[str, object],
+        terms: Mapping[str, nn.Module],
+        term_weights: Mapping[str, float],
+        aux_loss: bool = True,
         reduce_num_boxes: Callable[[Tensor], Tensor] = lambda n: n,
     ) -> None:
         super().__init__()
@@ -67,10 +71,14 @@ class SetCriterion(nn.Module):
             group_targets = self.group_targets(group, targets)
             for layer in self.supervised_layers(group):
                 keys.append((group.name, layer))
-                requests.append(AssignRequest(
-                    self.assigners[group.assigner], group.logits[layer], group.boxes[layer],
-                    group_targets,
-                ))
+                requests.append(
+                    AssignRequest(
+                        self.assigners[group.assigner],
+                        group.logits[layer],
+                        group.boxes[layer],
+                        group_targets,
+                    )
+                )
         return dict(zip(keys, assign_all(requests)))
 
     def forward(self, output: DetectorOutput, targets: list[Target]) -> LossOutput:
@@ -85,8 +93,9 @@ class SetCriterion(nn.Module):
                 logits, boxes = group.logits[layer].float(), group.boxes[layer].float()
                 for term_name, term in self.terms.items():
                     name = loss_name(group.name, term_name, layer)
-                    terms[name] = term(logits, boxes, group_targets,
-                                       matches[(group.name, layer)], num_boxes)
+                    terms[name] = term(
+                        logits, boxes, group_targets, matches[(group.name, layer)], num_boxes
+                    )
                     weights[name] = group.loss_weight * self.term_weights[term_name]
         for name, value in output.extra_losses.items():
             terms[name], weights[name] = value.float(), 1.0

@@ -89,7 +89,5 @@ class GIoUTerm(nn.Module):
 
     def forward(self, logits, boxes, targets, matches, num_boxes) -> Tensor:
         predicted, wanted = matched_pairs(boxes, targets, matches)
-        giou = paired_generalized_box_iou(
-            box_cxcywh_to_xyxy(predicted), box_cxcywh_to_xyxy(wanted)
-        )
+        giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(predicted), box_cxcywh_to_xyxy(wanted))
         return (1 - giou).sum() / num_boxes

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Pairwise matching costs between predictions and targets (spec A7). All take [N, ...] flat rows."""
+"""Pairwise matching costs between predictions and targets (spec A7), over flat [N, ...] rows."""
 
 from __future__ import annotations
 

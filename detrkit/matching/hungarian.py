@@ -25,8 +25,12 @@ class HungarianAssigner:
     """
 
     def __init__(
-        self, class_cost: Callable[[Tensor, Tensor], Tensor], *, cost_class: float = 1.0,
-        cost_bbox: float = 5.0, cost_giou: float = 2.0,
+        self,
+        class_cost: Callable[[Tensor, Tensor], Tensor],
+        *,
+        cost_class: float = 1.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
     ) -> None:
         self.class_cost = class_cost
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
@@ -57,7 +61,7 @@ class HungarianAssigner:
         return cost.view(batch, num_queries, -1)
 
     def solve(self, costs: Tensor, targets: Sequence[Target]) -> list[Match]:
-        """costs: host tensor from ``costs`` -> per image (query indices ascending, target indices)."""
+        """Host costs from ``costs`` -> per image (query indices ascending, target indices)."""
         sizes = [len(t) for t in targets]
         matches = []
         for image, cost in enumerate(costs.split(sizes, dim=-1)):

@@ -23,8 +23,9 @@ _STAGE_CHANNELS = {
     "resnet101": (256, 512, 1024, 2048),
 }
 _STAGES = ("c2", "c3", "c4", "c5")
-# The originals train layer2-4 and freeze the stem and layer1 (spec A4).
-_TRAINABLE_LAYERS = ("layer2", "layer3", "layer4")
+# Parameter-name prefixes of each stage; the originals freeze stage 0 and 1 (spec A4).
+_STAGE_PREFIXES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+_NORMS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
 
 
 class ResNetBackbone(nn.Module):
@@ -34,7 +35,9 @@ class ResNetBackbone(nn.Module):
         name: "resnet18" | "resnet34" | "resnet50" | "resnet101".
         return_stages: subset of ("c2", "c3", "c4", "c5") in increasing stride.
         dilation: DC5; layer4 keeps stride 16 with dilation 2.
-        trainable: train layer2-4; False freezes every parameter.
+        trainable: train the stages after ``frozen_stages``; False freezes every parameter.
+        frozen_stages: 1 freezes the stem and layer1 (the originals), 0 trains everything.
+        norm: "frozen_bn" or "bn" (trainable BatchNorm, for training from scratch).
 
     Attributes:
         out_channels: stage -> channels, known before the first forward.
@@ -42,27 +45,40 @@ class ResNetBackbone(nn.Module):
     """
 
     def __init__(
-        self, name: str, *, return_stages: Sequence[str] = ("c5",), dilation: bool = False,
+        self,
+        name: str,
+        *,
+        return_stages: Sequence[str] = ("c5",),
+        dilation: bool = False,
         trainable: bool = True,
+        frozen_stages: int = 1,
+        norm: str = "frozen_bn",
     ) -> None:
         super().__init__()
         if dilation and name in ("resnet18", "resnet34"):
             raise UserError(f"model.backbone.dilation (DC5) needs a bottleneck ResNet, not {name}")
         net = getattr(torchvision.models, name)(
-            weights=None, norm_layer=FrozenBatchNorm2d,
+            weights=None,
+            norm_layer=_NORMS[norm],
             replace_stride_with_dilation=[False, False, dilation],
         )
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = (
-            net.layer1, net.layer2, net.layer3, net.layer4,
+            net.layer1,
+            net.layer2,
+            net.layer3,
+            net.layer4,
         )
         self.return_stages = tuple(return_stages)
         channels = dict(zip(_STAGES, _STAGE_CHANNELS[name]))
         strides = dict(zip(_STAGES, (4, 8, 16, 16 if dilation else 32)))
         self.out_channels = {s: channels[s] for s in self.return_stages}
         self.strides = {s: strides[s] for s in self.return_stages}
+        # Stage 1 freezes the stem together with layer1, as the originals do.
+        count = frozen_stages + 1 if frozen_stages > 0 else 0
+        frozen = tuple(p for stage in _STAGE_PREFIXES[:count] for p in stage)
         for param_name, param in self.named_parameters():
-            param.requires_grad_(trainable and param_name.startswith(_TRAINABLE_LAYERS))
+            param.requires_grad_(trainable and not param_name.startswith(frozen))
 
     def forward(self, pixels: Tensor) -> dict[str, Tensor]:
         """pixels: [B, 3, H, W] -> {stage: [B, C_s, H / stride_s, W / stride_s]}."""
@@ -75,28 +91,35 @@ class ResNetBackbone(nn.Module):
         return outputs
 
     def load_pretrained(self, path: str | Path) -> None:
-        """Load ImageNet weights (torchvision or timm layout, .pth or .safetensors) from a local file.
+        """Load local ImageNet weights (torchvision or timm layout, .pth or .safetensors).
 
         The classifier (``fc.*``) is dropped; anything else unmatched is an error naming the keys.
         """
         state = _read_state_dict(Path(path))
         state = {_strip_prefix(k): v for k, v in state.items()}
-        state = {k: v for k, v in state.items()
-                 if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
-        result = self.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
+        state = {
+            k: v
+            for k, v in state.items()
+            if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+        }
+        own = self.state_dict()
+        missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+        unexpected = [k for k in state if k not in own]
+        mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
+        if missing or unexpected or mismatched:
             raise UserError(
-                f"{path} does not match backbone weights of this ResNet: "
-                f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}; "
+                f"{path} does not hold weights of this ResNet: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}, wrong shape {mismatched[:3]}; "
                 "check model.backbone.name"
             )
+        self.load_state_dict(state, strict=False)  # every key was checked above
         logger.info("loaded backbone weights from %s (%d tensors)", path, len(state))
 
 
 def _strip_prefix(key: str) -> str:
     for prefix in ("module.", "model.", "backbone.0.body.", "backbone."):
         if key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
     return key
 
 

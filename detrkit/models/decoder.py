@@ -30,8 +30,15 @@ class DecoderLayer(nn.Module):
     """
 
     def __init__(
-        self, *, self_attn: nn.Module, cross_attn: nn.Module, ffn: FFN, dim: int,
-        dropout: float = 0.1, order: Sequence[str] = DEFAULT_ORDER, taps: Sequence[str] = (),
+        self,
+        *,
+        self_attn: nn.Module,
+        cross_attn: nn.Module,
+        ffn: FFN,
+        dim: int,
+        dropout: float = 0.1,
+        order: Sequence[str] = DEFAULT_ORDER,
+        taps: Sequence[str] = (),
         pre_norm: bool = False,
     ) -> None:
         super().__init__()
@@ -45,8 +52,12 @@ class DecoderLayer(nn.Module):
         self.order, self.taps, self.pre_norm = tuple(order), tuple(taps), pre_norm
 
     def forward(
-        self, query: Tensor, query_pos: Tensor | None, reference: Tensor | None,
-        memory: EncoderMemory, self_attn_mask: Tensor | None = None,
+        self,
+        query: Tensor,
+        query_pos: Tensor | None,
+        reference: Tensor | None,
+        memory: EncoderMemory,
+        self_attn_mask: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """query, query_pos: [B, Q, D]; reference: [B, Q, 2|4] or None -> ([B, Q, D], taps)."""
         ops = {
@@ -84,8 +95,9 @@ class Decoder(nn.Module):
         hidden, tap_lists = [], {}
         query = queries.content
         for layer in self.layers:
-            query, taps = layer(query, queries.pos, queries.reference, memory,
-                                queries.self_attn_mask)
+            query, taps = layer(
+                query, queries.pos, queries.reference, memory, queries.self_attn_mask
+            )
             hidden.append(query if self.output_norm is None else self.output_norm(query))
             for name, value in taps.items():
                 tap_lists.setdefault(name, []).append(value)

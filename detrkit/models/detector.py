@@ -27,8 +27,16 @@ class QueryDetector(nn.Module):
     """
 
     def __init__(
-        self, *, backbone: nn.Module, neck: nn.Module, encoder: nn.Module, queries: nn.Module,
-        decoder: Decoder, head: DetectionHead, num_queries: int, schemes: Sequence[nn.Module] = (),
+        self,
+        *,
+        backbone: nn.Module,
+        neck: nn.Module,
+        encoder: nn.Module,
+        queries: nn.Module,
+        decoder: Decoder,
+        head: DetectionHead,
+        num_queries: int,
+        schemes: Sequence[nn.Module] = (),
     ) -> None:
         super().__init__()
         self.backbone, self.neck, self.encoder = backbone, neck, encoder

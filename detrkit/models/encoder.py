@@ -14,7 +14,7 @@ from detrkit.structures import EncoderMemory, FeatureLevel
 
 
 def flatten_levels(levels: Sequence[FeatureLevel]) -> EncoderMemory:
-    """Concatenate levels row-major into an ``EncoderMemory`` (tokens are the projected features)."""
+    """Concatenate levels row-major into an ``EncoderMemory`` (tokens = projected features)."""
     tokens = torch.cat([lvl.features.flatten(2).transpose(1, 2) for lvl in levels], dim=1)
     pos = torch.cat([lvl.pos.flatten(2).transpose(1, 2) for lvl in levels], dim=1)
     mask = torch.cat([lvl.padding_mask.flatten(1) for lvl in levels], dim=1)
@@ -25,7 +25,7 @@ def flatten_levels(levels: Sequence[FeatureLevel]) -> EncoderMemory:
 
 
 def valid_ratio(padding_mask: Tensor) -> Tensor:
-    """[B, H, W] bool -> [B, 2] (w, h) fraction of valid columns (first row) and rows (first column)."""
+    """[B, H, W] bool -> [B, 2] (w, h) valid fraction: columns of row 0, rows of column 0."""
     _, height, width = padding_mask.shape
     valid_h = (~padding_mask[:, :, 0]).sum(1)
     valid_w = (~padding_mask[:, 0, :]).sum(1)
@@ -36,8 +36,14 @@ class EncoderLayer(nn.Module):
     """Global self-attention + FFN, each with residual dropout and LayerNorm (post- or pre-norm)."""
 
     def __init__(
-        self, dim: int, num_heads: int, ffn_dim: int, *, dropout: float = 0.1,
-        activation: str = "relu", pre_norm: bool = False,
+        self,
+        dim: int,
+        num_heads: int,
+        ffn_dim: int,
+        *,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        pre_norm: bool = False,
     ) -> None:
         super().__init__()
         self.self_attn = SelfAttention(dim, num_heads, dropout)

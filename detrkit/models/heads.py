@@ -27,9 +27,7 @@ class DetectionHead(nn.Module):
         super().__init__()
         count = 1 if shared else num_layers
         self.class_embed = nn.ModuleList(nn.Linear(dim, num_logits) for _ in range(count))
-        self.bbox_embed = nn.ModuleList(
-            MLP(dim, dim, 4, _BOX_MLP_LAYERS) for _ in range(count)
-        )
+        self.bbox_embed = nn.ModuleList(MLP(dim, dim, 4, _BOX_MLP_LAYERS) for _ in range(count))
 
     def box_predictor(self, layer: int) -> nn.Module:
         return self.bbox_embed[min(layer, len(self.bbox_embed) - 1)]
@@ -57,12 +55,11 @@ class DetectionHead(nn.Module):
         return [
             PredictionGroup(
                 name=group.name,
-                logits=logits[:, :, group.start:group.stop],
-                boxes=boxes[:, :, group.start:group.stop],
+                logits=logits[:, :, group.start : group.stop],
+                boxes=boxes[:, :, group.start : group.stop],
                 assigner=group.assigner,
                 loss_weight=group.loss_weight,
                 at_inference=group.at_inference,
             )
             for group in queries.groups
         ]
-

@@ -27,8 +27,9 @@ class LearnedQueries(nn.Module):
         batch = memory.tokens.shape[0]
         total = num_queries + num_extra
         if total > self.query_embed.num_embeddings:
-            raise ValueError(f"{total} query slots requested, table has "
-                             f"{self.query_embed.num_embeddings}")
+            raise ValueError(
+                f"{total} query slots requested, table has {self.query_embed.num_embeddings}"
+            )
         pos = self.query_embed.weight[:total][None].expand(batch, -1, -1)
         content = pos.new_zeros(pos.shape)
         main = QueryGroup(MAIN_GROUP, 0, num_queries, assigner="hungarian", at_inference=True)

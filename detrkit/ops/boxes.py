@@ -49,7 +49,7 @@ def paired_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     inter = inter_wh[:, 0] * inter_wh[:, 1]
     union = area1 + area2 - inter
     iou = inter / union
-    hull_wh = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2]))
+    hull_wh = torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])
     hull = hull_wh[:, 0] * hull_wh[:, 1]
     return iou - (hull - union) / hull
 

@@ -30,8 +30,9 @@ def list_cases() -> list[Path]:
 
 @functools.lru_cache(maxsize=4)
 def _refgen(directory: Path):
-    spec = importlib.util.spec_from_file_location(f"refgen_{abs(hash(directory))}",
-                                                  directory / "refgen.py")
+    spec = importlib.util.spec_from_file_location(
+        f"refgen_{abs(hash(directory))}", directory / "refgen.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -43,7 +44,9 @@ def official_state_dict(spec: dict, directory: Path) -> dict[str, torch.Tensor]:
     state = {}
     for entry in spec["state_dict"]:
         if "alias_of" not in entry:
-            state[entry["key"]] = torch.from_numpy(refgen.weight_values(entry["key"], entry["shape"]))
+            state[entry["key"]] = torch.from_numpy(
+                refgen.weight_values(entry["key"], entry["shape"])
+            )
     for entry in spec["state_dict"]:
         if "alias_of" in entry:
             state[entry["key"]] = state[entry["alias_of"]]
@@ -72,8 +75,9 @@ class GoldenCase:
         case.inputs = load_file(str(path.parent / spec.get("inputs", "inputs.safetensors")))
         case.official_state = official_state_dict(spec, path.parent)
         case.config = case.source.config_from_args(spec["args"])
-        case.conversion = convert_state_dict(case.official_state, case.source.rules,
-                                             case.source.splits)
+        case.conversion = convert_state_dict(
+            case.official_state, case.source.rules, case.source.splits
+        )
         torch.manual_seed(0)
         case.model = build_model(case.config.model)
         case.model.load_state_dict(case.conversion.state_dict, strict=True)
@@ -111,7 +115,7 @@ class GoldenCase:
         for name, recorded in self.tensors.items():
             if not name.startswith(prefix):
                 continue
-            ref = official_output(name[len(prefix):], self.num_layers)
+            ref = official_output(name[len(prefix) :], self.num_layers)
             assert ref is not None, f"unmapped official output {name}"
             group = self.eval_output.group(ref.group)
             pairs[name] = (getattr(group, ref.field)[ref.layer], recorded)

@@ -61,8 +61,9 @@ def test_postprocess(case: GoldenCase):
         if ours.dtype == torch.int64:
             torch.testing.assert_close(ours, theirs, msg=lambda m, n=name: f"{n}: {m}")
         else:
-            torch.testing.assert_close(ours, theirs, **OUTPUT_TOL,
-                                       msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(
+                ours, theirs, **OUTPUT_TOL, msg=lambda m, n=name: f"{n}: {m}"
+            )
 
 
 def test_train_losses(case: GoldenCase):
@@ -72,8 +73,7 @@ def test_train_losses(case: GoldenCase):
     for official, detrkit_name in case.loss_names().items():
         got = terms[detrkit_name].detach()
         want = torch.tensor(recorded[official], dtype=torch.float32)
-        torch.testing.assert_close(got, want, **LOSS_TOL,
-                                   msg=lambda m, o=official: f"{o}: {m}")
+        torch.testing.assert_close(got, want, **LOSS_TOL, msg=lambda m, o=official: f"{o}: {m}")
         compared += 1
     assert compared > 0
     want_total = torch.tensor(case.spec["runs"]["f32"]["total_loss"], dtype=torch.float32)

@@ -11,24 +11,44 @@ from detrkit.cli.__main__ import main
 from detrkit.engine.logging import read_jsonl
 
 TINY = [
-    "model.hidden_dim=32", "model.num_heads=2", "model.num_queries=10",
-    "model.encoder.num_layers=1", "model.decoder.num_layers=2",
-    "data.train_scales=[64,80]", "data.val_size=64", "data.max_size=96",
-    "data.batch_size=2", "data.eval_batch_size=3", "train.log_every=1",
+    "model.hidden_dim=32",
+    "model.num_heads=2",
+    "model.num_queries=10",
+    "model.encoder.num_layers=1",
+    "model.decoder.num_layers=2",
+    "data.train_scales=[64,80]",
+    "data.val_size=64",
+    "data.max_size=96",
+    "data.batch_size=2",
+    "data.eval_batch_size=3",
+    "train.log_every=1",
 ]
 
 
 def _train(data, out, *extra, resume=None):
-    argv = ["train", "--config", "detr_tiny", "--data", str(data), "--output-dir", str(out),
-            "--device", "cpu", "--set", *TINY, *extra]
+    argv = [
+        "train",
+        "--config",
+        "detr_tiny",
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--device",
+        "cpu",
+        "--set",
+        *TINY,
+        *extra,
+    ]
     if resume:
         argv += ["--resume", str(resume)]
     assert main(argv) == 0
 
 
 def _losses(run_dir):
-    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")
-            if r["kind"] == "train"}
+    return {
+        r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "train"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +82,22 @@ def test_resume_reproduces_next_losses_exactly(synthetic_coco, tmp_path):
 
 
 def test_eval_and_predict_from_checkpoint(trained, synthetic_coco, tmp_path, capsys):
-    assert main(["eval", "--checkpoint", str(trained), "--data", str(synthetic_coco),
-                 "--output-dir", str(tmp_path), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(trained),
+                "--data",
+                str(synthetic_coco),
+                "--output-dir",
+                str(tmp_path),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in printed
     metrics = json.loads((tmp_path / "metrics_val.json").read_text())
@@ -71,11 +105,30 @@ def test_eval_and_predict_from_checkpoint(trained, synthetic_coco, tmp_path, cap
     assert metrics["AP"] == pytest.approx(recorded["AP"], abs=1e-9)
 
     out = tmp_path / "pred"
-    assert main(["predict", str(synthetic_coco / "val"), "--checkpoint", str(trained),
-                 "--output-dir", str(out), "--score-threshold", "0.0", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(synthetic_coco / "val"),
+                "--checkpoint",
+                str(trained),
+                "--output-dir",
+                str(out),
+                "--score-threshold",
+                "0.0",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     records = json.loads((out / "predictions.json").read_text())
-    categories = {c["id"] for c in json.loads(
-        (synthetic_coco / "annotations" / "instances_val.json").read_text())["categories"]}
+    categories = {
+        c["id"]
+        for c in json.loads((synthetic_coco / "annotations" / "instances_val.json").read_text())[
+            "categories"
+        ]
+    }
     assert records and {r["category_id"] for r in records} <= categories
     assert len(list(out.glob("*.png"))) == 8
 
@@ -96,26 +149,50 @@ def test_init_from_reports_reinitialised_head(trained, synthetic_coco, tmp_path,
     caplog.set_level("INFO")
     data = _two_class_copy(synthetic_coco, tmp_path)
     checkpoint = sorted((trained / "checkpoints").glob("*.safetensors"))[-1]
-    argv = ["train", "--config", "detr_tiny", "--data", str(data), "--output-dir",
-            str(tmp_path / "finetune"), "--device", "cpu", "--init-from", str(checkpoint),
-            "--set", *TINY, "train.max_steps=1"]
+    argv = [
+        "train",
+        "--config",
+        "detr_tiny",
+        "--data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "finetune"),
+        "--device",
+        "cpu",
+        "--init-from",
+        str(checkpoint),
+        "--set",
+        *TINY,
+        "train.max_steps=1",
+    ]
     assert main(argv) == 2  # strict by default: the class head does not fit
-    assert main([*argv[:-len(TINY) - 2], "--allow-partial", *argv[-len(TINY) - 2:]]) == 0
+    assert main([*argv[: -len(TINY) - 2], "--allow-partial", *argv[-len(TINY) - 2 :]]) == 0
     assert "re-initialised (shape mismatch)" in caplog.text
     assert "'head.class_embed.0.weight'" in caplog.text
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["train", "--config", "detr_tiny", "--output-dir", "x", "--set", "model.num_querys=3"],
-     "model.num_queries"),
-    (["train", "--config", "no_such_preset", "--output-dir", "x"], "detr_r50"),
-    (["train", "--config", "detr_tiny", "--output-dir", "x", "--set", "train.epochs=ten"],
-     "train.epochs"),
-    (["train", "--config", "detr_tiny", "--data", "/nonexistent/data", "--output-dir", "x"],
-     "/nonexistent/data"),
-    (["eval", "--checkpoint", "/nonexistent/ckpt.safetensors", "--data", "x"],
-     "/nonexistent/ckpt.safetensors"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (
+            ["train", "--config", "detr_tiny", "--output-dir", "x", "--set", "model.num_querys=3"],
+            "model.num_queries",
+        ),
+        (["train", "--config", "no_such_preset", "--output-dir", "x"], "detr_r50"),
+        (
+            ["train", "--config", "detr_tiny", "--output-dir", "x", "--set", "train.epochs=ten"],
+            "train.epochs",
+        ),
+        (
+            ["train", "--config", "detr_tiny", "--data", "/nonexistent/data", "--output-dir", "x"],
+            "/nonexistent/data",
+        ),
+        (
+            ["eval", "--checkpoint", "/nonexistent/ckpt.safetensors", "--data", "x"],
+            "/nonexistent/ckpt.safetensors",
+        ),
+    ],
+)
 def test_user_errors_are_one_clear_line(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err

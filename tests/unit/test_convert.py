@@ -15,8 +15,12 @@ from tests.golden.golden_case import GOLDEN_DIR, GoldenCase
 
 
 def test_rules_report_unmatched_dropped_and_collisions():
-    source = {"a.w": torch.zeros(1), "b.w": torch.zeros(1), "c.w": torch.zeros(1),
-              "qkv": torch.arange(6.0)}
+    source = {
+        "a.w": torch.zeros(1),
+        "b.w": torch.zeros(1),
+        "c.w": torch.zeros(1),
+        "qkv": torch.arange(6.0),
+    }
     rules = [RenameRule(r"(a|b)\.w", "x.w"), RenameRule(r"c\.w", None)]
     splits = [SplitRule(r"qkv", ("q", "k", "v"))]
     result = convert_state_dict(source, rules, splits)
@@ -37,16 +41,22 @@ def _detr_case() -> GoldenCase:
 def test_cli_convert_of_official_detr_checkpoint_reproduces_golden_outputs(tmp_path):
     case = _detr_case()
     official = tmp_path / "detr.pth"
-    torch.save({"model": case.official_state, "args": argparse.Namespace(**case.spec["args"]),
-                "epoch": 3}, official)
+    torch.save(
+        {"model": case.official_state, "args": argparse.Namespace(**case.spec["args"]), "epoch": 3},
+        official,
+    )
     out = tmp_path / "detr.safetensors"
     assert main(["convert", "--from", "detr", str(official), "--out", str(out)]) == 0
     loaded = load_model(out)
     assert loaded.label_map.num_classes == 91
     with torch.no_grad():
         output = loaded.model(case.batch())
-    torch.testing.assert_close(output.for_inference().logits[-1],
-                               case.tensors["eval.f32.out.pred_logits"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        output.for_inference().logits[-1],
+        case.tensors["eval.f32.out.pred_logits"],
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
 
 def test_args_json_for_files_without_args(tmp_path):
@@ -57,8 +67,21 @@ def test_args_json_for_files_without_args(tmp_path):
     assert main(["convert", "--from", "detr", str(official), "--out", str(out)]) == 2
     args_json = tmp_path / "args.json"
     args_json.write_text(json.dumps(case.spec["args"]))
-    assert main(["convert", "--from", "detr", str(official), "--out", str(out),
-                 "--args-json", str(args_json)]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--from",
+                "detr",
+                str(official),
+                "--out",
+                str(out),
+                "--args-json",
+                str(args_json),
+            ]
+        )
+        == 0
+    )
 
 
 class _Exploit:

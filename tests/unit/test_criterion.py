@@ -40,8 +40,9 @@ def test_loss_names_and_weights_per_group_and_layer():
     main = _perfect_group(targets)
     extra = PredictionGroup("o2m", main.logits.clone(), main.boxes.clone(), loss_weight=0.5)
     losses = criterion(DetectorOutput([main, extra]), targets)
-    expected = {f"{g}/{t}/d{l}" for g in ("main", "o2m") for t in ("cls", "l1", "giou")
-                for l in (0, 1)}
+    expected = {
+        f"{g}/{t}/d{l}" for g in ("main", "o2m") for t in ("cls", "l1", "giou") for l in (0, 1)
+    }
     assert set(losses.terms) == expected
     assert losses.weights["main/l1/d1"] == cfg.loss.bbox_weight
     assert losses.weights["o2m/giou/d0"] == 0.5 * cfg.loss.giou_weight
@@ -70,7 +71,8 @@ def test_reduce_num_boxes_is_injected_and_used():
     group.boxes[:, 0, 0] += 0.05  # a non-zero L1 to see the normalisation
     plain = build_criterion(tiny_model_config())(DetectorOutput([group]), targets)
     halved = build_criterion(tiny_model_config(), reduce_num_boxes=reduce)(
-        DetectorOutput([group]), targets)
+        DetectorOutput([group]), targets
+    )
     assert seen and seen[0] == 3.0
     torch.testing.assert_close(halved.terms["main/l1/d1"], plain.terms["main/l1/d1"] / 2)
 

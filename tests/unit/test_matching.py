@@ -13,8 +13,13 @@ def _targets(counts, num_classes=5, seed=0):
     gen = torch.Generator().manual_seed(seed)
     out = []
     for n in counts:
-        boxes = torch.cat((torch.rand(n, 2, generator=gen) * 0.6 + 0.2,
-                           torch.rand(n, 2, generator=gen) * 0.3 + 0.05), dim=1)
+        boxes = torch.cat(
+            (
+                torch.rand(n, 2, generator=gen) * 0.6 + 0.2,
+                torch.rand(n, 2, generator=gen) * 0.3 + 0.05,
+            ),
+            dim=1,
+        )
         out.append(Target(torch.randint(0, num_classes, (n,), generator=gen), boxes))
     return out
 
@@ -22,8 +27,13 @@ def _targets(counts, num_classes=5, seed=0):
 def _predictions(batch, queries, logits_dim, seed=1):
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(batch, queries, logits_dim, generator=gen)
-    boxes = torch.cat((torch.rand(batch, queries, 2, generator=gen) * 0.6 + 0.2,
-                       torch.rand(batch, queries, 2, generator=gen) * 0.3 + 0.05), dim=-1)
+    boxes = torch.cat(
+        (
+            torch.rand(batch, queries, 2, generator=gen) * 0.6 + 0.2,
+            torch.rand(batch, queries, 2, generator=gen) * 0.3 + 0.05,
+        ),
+        dim=-1,
+    )
     return logits, boxes
 
 
@@ -34,7 +44,9 @@ def test_batched_equals_per_image(class_cost, logits_dim):
     logits, boxes = _predictions(3, 10, logits_dim)
     batched = assigner.solve(assigner.costs(logits, boxes, targets), targets)
     for i, target in enumerate(targets):
-        single = assigner.solve(assigner.costs(logits[i:i + 1], boxes[i:i + 1], [target]), [target])
+        single = assigner.solve(
+            assigner.costs(logits[i : i + 1], boxes[i : i + 1], [target]), [target]
+        )
         assert torch.equal(batched[i][0], single[0][0])
         assert torch.equal(batched[i][1], single[0][1])
 
@@ -43,8 +55,9 @@ def test_each_target_matched_once_and_queries_ascending():
     assigner = HungarianAssigner(SoftmaxClassCost())
     targets = _targets([4, 2])
     logits, boxes = _predictions(2, 8, 6)
-    for (src, tgt), target in zip(assigner.solve(assigner.costs(logits, boxes, targets), targets),
-                                  targets):
+    for (src, tgt), target in zip(
+        assigner.solve(assigner.costs(logits, boxes, targets), targets), targets
+    ):
         assert sorted(tgt.tolist()) == list(range(len(target)))
         assert src.tolist() == sorted(set(src.tolist()))
 
@@ -61,7 +74,7 @@ def test_more_targets_than_queries_matches_every_query():
     assigner = HungarianAssigner(SoftmaxClassCost())
     targets = _targets([7])
     logits, boxes = _predictions(1, 4, 6)
-    (src, tgt), = assigner.solve(assigner.costs(logits, boxes, targets), targets)
+    ((src, tgt),) = assigner.solve(assigner.costs(logits, boxes, targets), targets)
     assert sorted(src.tolist()) == [0, 1, 2, 3]
     assert len(set(tgt.tolist())) == 4
 
@@ -71,8 +84,10 @@ def test_matching_is_permutation_invariant_over_queries():
     targets = _targets([3])
     logits, boxes = _predictions(1, 9, 6)
     perm = torch.randperm(9)
-    (src, tgt), = assigner.solve(assigner.costs(logits, boxes, targets), targets)
-    (psrc, ptgt), = assigner.solve(assigner.costs(logits[:, perm], boxes[:, perm], targets), targets)
+    ((src, tgt),) = assigner.solve(assigner.costs(logits, boxes, targets), targets)
+    ((psrc, ptgt),) = assigner.solve(
+        assigner.costs(logits[:, perm], boxes[:, perm], targets), targets
+    )
     original = dict(zip(tgt.tolist(), src.tolist()))
     permuted = dict(zip(ptgt.tolist(), perm[psrc].tolist()))
     assert original == permuted
