@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def run(args) -> int:
     args.data = str(data_dir)
     cfg = config_from_args(args)
     run_dir = args.output_dir / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo always trains from scratch
     trainer = Trainer(cfg, run_dir, device=args.device)
     metrics = trainer.fit()
     drawn = draw_examples(run_dir, data_dir / "val", args.device)

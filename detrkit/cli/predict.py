@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+MIN_DRAWN_SIDE = 384
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -65,8 +66,15 @@ def predict_and_draw(predictor, paths: list[Path], output_dir: Path, threshold: 
     for path, image, pred in zip(paths, images, predictor(images)):
         keep = pred.scores >= threshold
         names = [n for n, k in zip(pred.names, keep.tolist()) if k]
+        # Small images are drawn enlarged so that their labels stay readable.
+        scale = max(1, MIN_DRAWN_SIDE // max(image.size))
+        canvas = image.resize((image.width * scale, image.height * scale))
         drawn = draw_detections(
-            image, pred.boxes_xyxy[keep], pred.scores[keep], names, score_threshold=threshold
+            canvas,
+            pred.boxes_xyxy[keep] * scale,
+            pred.scores[keep],
+            names,
+            score_threshold=threshold,
         )
         drawn.save(output_dir / f"{path.stem}.png")
         for box, score, cat, name in zip(

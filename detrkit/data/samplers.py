@@ -10,6 +10,7 @@ of replicas, as ``DistributedSampler`` does) and takes the strided slice ``rank:
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterator
 
 import torch
@@ -125,6 +126,50 @@ class ShardedSequentialSampler(Sampler[int]):
         return len(range(self.rank, self.dataset_len, self.num_replicas))
 
 
+# Large odd multipliers spread (seed, epoch, index) over the 63-bit seed space.
+_EPOCH_MIX, _INDEX_MIX = 1_000_003, 7_919
+
+
+class SeededSampler(Sampler[tuple[int, int]]):
+    """Yield (dataset index, augmentation seed) pairs from a ``ResumableRandomSampler``.
+
+    The seed depends only on (seed, epoch, index), so an image gets the same augmentation
+    whichever worker loads it and wherever an epoch was resumed: that makes resume exact.
+    """
+
+    def __init__(self, sampler: ResumableRandomSampler, seed: int) -> None:
+        self.sampler, self.seed = sampler, seed
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.sampler.epoch
+        for index in self.sampler:
+            yield index, (self.seed + epoch * _EPOCH_MIX + index * _INDEX_MIX) % (2**63)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededDataset(Dataset):
+    """Run the wrapped dataset under torch/Python RNGs seeded per sample, restoring them after."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(python_state)
+
+
 def build_train_loader(
     dataset: Dataset,
     batch_size: int,
@@ -137,20 +182,21 @@ def build_train_loader(
 ) -> DataLoader:
     """Training DataLoader yielding ``(ImageBatch, list[Target])``.
 
-    The sampler is a ``ResumableRandomSampler`` (``loader.sampler``); call its ``set_epoch`` at
-    every epoch and save its ``state_dict`` in checkpoints. Worker seeds come from a generator
-    seeded with ``seed``, so identical runs draw identical augmentations.
+    Shuffled by a ``ResumableRandomSampler`` (``loader.sampler.sampler``): call its ``set_epoch``
+    every epoch and ``skip`` to resume inside one. Augmentations are seeded per sample
+    (``SeededSampler``), so identical runs, resumed runs and runs with other ``num_workers``
+    draw identical augmentations.
     """
     sampler = ResumableRandomSampler(len(dataset), seed, num_replicas=num_replicas, rank=rank)
     return DataLoader(
-        dataset,
+        SeededDataset(dataset),
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=SeededSampler(sampler, seed),
         num_workers=num_workers,
         collate_fn=collate,
         drop_last=drop_last,
+        # A private generator keeps loader start-up from consuming the global torch RNG.
         generator=torch.Generator().manual_seed(seed),
-        persistent_workers=False,
     )
 
 
@@ -172,4 +218,5 @@ def build_eval_loader(
         num_workers=num_workers,
         collate_fn=collate,
         drop_last=False,
+        generator=torch.Generator().manual_seed(0),
     )

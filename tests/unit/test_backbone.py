@@ -25,8 +25,9 @@ def test_pretrained_weights_load_from_local_file(tmp_path, prefix, suffix):
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     backbone = ResNetBackbone("resnet18", return_stages=("c3", "c5"))
     backbone.load_pretrained(path)
-    torch.testing.assert_close(backbone.layer3[0].conv1.weight,
-                               state[prefix + "layer3.0.conv1.weight"])
+    torch.testing.assert_close(
+        backbone.layer3[0].conv1.weight, state[prefix + "layer3.0.conv1.weight"]
+    )
     torch.testing.assert_close(backbone.bn1.running_var, state[prefix + "bn1.running_var"])
 
 

@@ -78,8 +78,11 @@ def test_tiny_preset_values():
     assert cfg.model.encoder.dropout == 0.0
     assert cfg.data.train_scales == (96, 112, 128)
     assert (cfg.data.max_size, cfg.data.val_size, cfg.data.crop) == (192, 128, False)
-    assert (cfg.train.lr, cfg.train.lr_backbone) == (2e-4, 2e-5)
-    assert (cfg.train.epochs, cfg.train.lr_drop, cfg.train.clip_max_norm) == (30, 25, 0.1)
+    # No ImageNet weights in the demo: the whole backbone trains, at the transformer's lr.
+    assert cfg.model.backbone.weights is None
+    assert (cfg.model.backbone.frozen_stages, cfg.model.backbone.norm) == (0, "bn")
+    assert cfg.train.lr_backbone == cfg.train.lr
+    assert cfg.train.lr_drop < cfg.train.epochs
 
 
 def test_user_file_with_base_preset_and_relative_base(tmp_path):
