@@ -148,6 +148,26 @@ class SeededSampler(Sampler[tuple[int, int]]):
     def __len__(self) -> int:
         return len(self.sampler)
 
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    @property
+    def num_samples(self) -> int:
+        return self.sampler.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def skip(self, num_samples: int) -> None:
+        self.sampler.skip(num_samples)
+
+    def state_dict(self, consumed: int | None = None) -> dict[str, int]:
+        return self.sampler.state_dict(consumed)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)
+
 
 class SeededDataset(Dataset):
     """Run the wrapped dataset under torch/Python RNGs seeded per sample, restoring them after."""
@@ -182,7 +202,7 @@ def build_train_loader(
 ) -> DataLoader:
     """Training DataLoader yielding ``(ImageBatch, list[Target])``.
 
-    Shuffled by a ``ResumableRandomSampler`` (``loader.sampler.sampler``): call its ``set_epoch``
+    Shuffled by a resumable sampler (``loader.sampler``): call its ``set_epoch``
     every epoch and ``skip`` to resume inside one. Augmentations are seeded per sample
     (``SeededSampler``), so identical runs, resumed runs and runs with other ``num_workers``
     draw identical augmentations.

@@ -27,7 +27,7 @@ def open_split(cfg: DataConfig, split: str, train: bool, label_map: LabelMap | N
 def train_loader(
     dataset: Dataset, cfg: DataConfig, seed: int, *, rank: int = 0, world_size: int = 1
 ) -> DataLoader:
-    """Shuffled, resumable, drop-last loader (``loader.sampler.sampler`` is resumable)."""
+    """Shuffled, resumable, drop-last loader (``loader.sampler`` is resumable)."""
     if len(dataset) < cfg.batch_size * world_size:
         raise UserError(
             f"the training split has {len(dataset)} images, fewer than one batch "

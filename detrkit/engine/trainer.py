@@ -127,7 +127,7 @@ class Trainer:
 
     @property
     def sampler(self):
-        return self.loader.sampler.sampler
+        return self.loader.sampler
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
