@@ -153,12 +153,14 @@ class DecoderOutput:
 
     Attributes:
         hidden: [L, B, Q, D].
-        references: [L + 1, B, Q, 2 | 4] sigmoid-space references (index 0 = initial), or None.
+        references: L + 1 sigmoid-space references [B, Q, 2 | 4] (index 0 = initial; index k is
+            what layer k predicts relative to), or None. A tuple, since refinement turns a 2-d
+            initial reference into 4-d boxes.
         taps: tap name -> [L, B, Q, D] hidden states recorded inside each layer.
     """
 
     hidden: Tensor
-    references: Tensor | None = None
+    references: tuple[Tensor, ...] | None = None
     taps: dict[str, Tensor] = field(default_factory=dict)
 
 

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from detrkit.config.schema import ModelConfig
 from detrkit.errors import UserError
 from detrkit.layers.attention import CrossAttention, SelfAttention
+from detrkit.layers.deformable import DeformableCrossAttention
 from detrkit.layers.ffn import FFN
 from detrkit.layers.position import LearnedPositionEmbedding, SinePositionEmbedding
 from detrkit.losses.criterion import SetCriterion
@@ -18,12 +19,15 @@ from detrkit.matching.costs import FocalClassCost, SoftmaxClassCost
 from detrkit.matching.hungarian import HungarianAssigner
 from detrkit.models.backbone import ResNetBackbone
 from detrkit.models.decoder import Decoder, DecoderLayer
+from detrkit.models.deformable_encoder import DeformableEncoder, DeformableEncoderLayer
 from detrkit.models.detector import QueryDetector
 from detrkit.models.encoder import DetrEncoder, EncoderLayer
 from detrkit.models.heads import DetectionHead
 from detrkit.models.neck import ChannelMapper
 from detrkit.models.postprocess import SoftmaxPostprocess, TopKSigmoidPostprocess
-from detrkit.models.queries import LearnedQueries
+from detrkit.models.queries import LearnedQueries, LearnedQueriesWithReference
+from detrkit.models.refine import BoxRefiner
+from detrkit.models.two_stage import TwoStageQuerySelector
 
 
 def resolved_num_classes(cfg: ModelConfig, num_classes: int | None = None) -> int:
@@ -45,11 +49,30 @@ def build_position(cfg: ModelConfig) -> nn.Module:
     return SinePositionEmbedding(cfg.hidden_dim, cfg.position.temperature, cfg.position.offset)
 
 
-def build_encoder(cfg: ModelConfig) -> DetrEncoder:
-    enc = cfg.encoder
+def backbone_stages(cfg: ModelConfig) -> tuple[str, ...]:
+    """Backbone stages feeding the neck: C5 alone, or up to C3-C5 (extra levels come after)."""
+    return ("c3", "c4", "c5")[-min(cfg.num_feature_levels, 3) :]
+
+
+def build_encoder(cfg: ModelConfig) -> nn.Module:
+    enc, dim = cfg.encoder, cfg.hidden_dim
+    if enc.attention == "ms_deform":
+        layers = [
+            DeformableEncoderLayer(
+                dim,
+                cfg.num_heads,
+                enc.ffn_dim,
+                num_levels=cfg.num_feature_levels,
+                num_points=enc.num_points,
+                dropout=enc.dropout,
+                activation=enc.activation,
+            )
+            for _ in range(enc.num_layers)
+        ]
+        return DeformableEncoder(layers, cfg.num_feature_levels, dim)
     layers = [
         EncoderLayer(
-            cfg.hidden_dim,
+            dim,
             cfg.num_heads,
             enc.ffn_dim,
             dropout=enc.dropout,
@@ -58,7 +81,16 @@ def build_encoder(cfg: ModelConfig) -> DetrEncoder:
         )
         for _ in range(enc.num_layers)
     ]
-    return DetrEncoder(layers, nn.LayerNorm(cfg.hidden_dim) if enc.pre_norm else None)
+    return DetrEncoder(layers, nn.LayerNorm(dim) if enc.pre_norm else None)
+
+
+def build_cross_attention(cfg: ModelConfig) -> nn.Module:
+    dec = cfg.decoder
+    if dec.attention == "ms_deform":
+        return DeformableCrossAttention(
+            cfg.hidden_dim, cfg.num_heads, cfg.num_feature_levels, dec.num_points
+        )
+    return CrossAttention(cfg.hidden_dim, cfg.num_heads, dec.dropout)
 
 
 def build_decoder(cfg: ModelConfig) -> Decoder:
@@ -66,7 +98,7 @@ def build_decoder(cfg: ModelConfig) -> Decoder:
     layers = [
         DecoderLayer(
             self_attn=SelfAttention(dim, cfg.num_heads, dec.dropout),
-            cross_attn=CrossAttention(dim, cfg.num_heads, dec.dropout),
+            cross_attn=build_cross_attention(cfg),
             ffn=FFN(dim, dec.ffn_dim, dec.dropout, dec.activation),
             dim=dim,
             dropout=dec.dropout,
@@ -74,15 +106,43 @@ def build_decoder(cfg: ModelConfig) -> Decoder:
         )
         for _ in range(dec.num_layers)
     ]
-    return Decoder(layers, output_norm=nn.LayerNorm(dim))
+    # DETR normalises every layer's output before its heads; Deformable DETR does not.
+    output_norm = nn.LayerNorm(dim) if dec.attention == "global" else None
+    return Decoder(layers, output_norm=output_norm, refiner=BoxRefiner(cfg.box_refine))
+
+
+def build_queries(cfg: ModelConfig, num_logits_: int, num_extra: int = 0) -> nn.Module:
+    rows = cfg.num_queries + num_extra
+    kind = cfg.queries.kind
+    if kind == "two_stage":
+        return TwoStageQuerySelector(
+            cfg.hidden_dim,
+            num_logits_,
+            mixed_selection=cfg.queries.mixed_selection,
+            num_embeddings=rows,
+        )
+    if kind == "learned_with_reference":
+        return LearnedQueriesWithReference(rows, cfg.hidden_dim)
+    return LearnedQueries(rows, cfg.hidden_dim)
+
+
+def build_head(cfg: ModelConfig, num_logits_: int) -> DetectionHead:
+    head = DetectionHead(
+        cfg.hidden_dim, num_logits_, cfg.decoder.num_layers, shared=cfg.box_refine == "none"
+    )
+    if cfg.loss.class_loss == "sigmoid_focal":
+        head.init_for_sigmoid(first_wh_bias=0.0 if cfg.queries.kind == "two_stage" else -2.0)
+    return head
 
 
 def build_model(cfg: ModelConfig, num_classes: int | None = None) -> QueryDetector:
     """Assemble the detector described by ``cfg`` (weights freshly initialised)."""
-    classes = resolved_num_classes(cfg, num_classes)
+    validate_model_config(cfg)
+    logits = num_logits(cfg, resolved_num_classes(cfg, num_classes))
+    stages = backbone_stages(cfg)
     backbone = ResNetBackbone(
         cfg.backbone.name,
-        return_stages=("c5",),
+        return_stages=stages,
         dilation=cfg.backbone.dilation,
         trainable=cfg.backbone.trainable,
         frozen_stages=cfg.backbone.frozen_stages,
@@ -90,18 +150,49 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> QueryDetect
     )
     if cfg.backbone.weights:
         backbone.load_pretrained(cfg.backbone.weights)
+    deformable = cfg.encoder.attention == "ms_deform"
     neck = ChannelMapper(
-        list(backbone.out_channels.values()), cfg.hidden_dim, position=build_position(cfg)
+        list(backbone.out_channels.values()),
+        cfg.hidden_dim,
+        position=build_position(cfg),
+        group_norm=deformable,
+        num_extra_levels=cfg.num_feature_levels - len(stages),
     )
     return QueryDetector(
         backbone=backbone,
         neck=neck,
         encoder=build_encoder(cfg),
-        queries=LearnedQueries(cfg.num_queries, cfg.hidden_dim),
+        queries=build_queries(cfg, logits),
         decoder=build_decoder(cfg),
-        head=DetectionHead(cfg.hidden_dim, num_logits(cfg, classes), cfg.decoder.num_layers),
+        head=build_head(cfg, logits),
         num_queries=cfg.num_queries,
     )
+
+
+def validate_model_config(cfg: ModelConfig) -> None:
+    """Reject combinations of parts that cannot work together, naming the keys to change."""
+    referenced = cfg.queries.kind != "learned"
+    if cfg.decoder.attention == "ms_deform" and not referenced:
+        raise UserError(
+            "model.decoder.attention=ms_deform needs reference points: set "
+            "model.queries.kind to learned_with_reference or two_stage"
+        )
+    if cfg.box_refine != "none" and not referenced:
+        raise UserError(
+            f"model.box_refine={cfg.box_refine} needs queries with reference boxes: "
+            "set model.queries.kind to learned_with_reference or two_stage"
+        )
+    if cfg.queries.mixed_selection and cfg.queries.kind != "two_stage":
+        raise UserError(
+            "model.queries.mixed_selection only applies to model.queries.kind=two_stage"
+        )
+    if cfg.queries.kind == "two_stage" and cfg.box_refine == "none":
+        raise UserError(
+            "two-stage queries need box refinement (the encoder proposal head is the "
+            "last of the per-layer heads): set model.box_refine=iterative"
+        )
+    if cfg.num_feature_levels < 1:
+        raise UserError("model.num_feature_levels must be at least 1")
 
 
 def build_criterion(

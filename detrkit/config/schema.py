@@ -64,6 +64,11 @@ class TransformerConfig:
         dropout: dropout inside attention, FFN and residuals.
         pre_norm: LayerNorm before each sub-block instead of after (``--pre_norm``).
         activation: FFN activation.
+        attention: the attention over image features: the encoder's self-attention or the
+            decoder's cross-attention. "global" = dense multi-head attention (DETR),
+            "ms_deform" = multi-scale deformable attention (Deformable DETR).
+        num_points: sampling points per head and level of deformable attention
+            (``--enc_n_points`` / ``--dec_n_points``).
     """
 
     num_layers: int = 6
@@ -71,6 +76,24 @@ class TransformerConfig:
     dropout: float = 0.1
     pre_norm: bool = False
     activation: Literal["relu", "gelu"] = "relu"
+    attention: Literal["global", "ms_deform"] = "global"
+    num_points: int = 4
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    """How the decoder's queries are initialised.
+
+    Attributes:
+        kind: "learned" = learned positions, zero content (DETR); "learned_with_reference" =
+            learned position + content, reference points predicted from the position (Deformable
+            DETR); "two_stage" = the top-scoring encoder proposals (``--two_stage``).
+        mixed_selection: two-stage only: learned content, proposal positions (``--mixed_selection``,
+            H-DETR / DINO).
+    """
+
+    kind: Literal["learned", "learned_with_reference", "two_stage"] = "learned"
+    mixed_selection: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,13 +135,21 @@ class ModelConfig:
         hidden_dim: transformer width D.
         num_heads: attention heads.
         num_queries: object queries at inference.
-        top_k: detections kept per image by the postprocessor; None keeps every query (DETR).
+        num_feature_levels: backbone stages used (C5 alone = 1; C3-C5 + one extra stride-64
+            level = 4, Deformable DETR).
+        box_refine: how decoder layers update reference boxes: "none", "iterative"
+            (``--with_box_refine``) or "look_forward_twice" (``--look_forward_twice``, H-DETR).
+        top_k: detections kept per image by the postprocessor; None keeps every query (DETR) or
+            100 (sigmoid heads).
     """
 
     num_classes: int | None = None
     hidden_dim: int = 256
     num_heads: int = 8
     num_queries: int = 100
+    num_feature_levels: int = 1
+    box_refine: Literal["none", "iterative", "look_forward_twice"] = "none"
+    queries: QueryConfig = field(default_factory=QueryConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     position: PositionConfig = field(default_factory=PositionConfig)
     encoder: TransformerConfig = field(default_factory=TransformerConfig)
@@ -165,7 +196,9 @@ class TrainConfig:
     """Optimisation and the training loop (spec A9).
 
     Attributes:
-        lr_backbone: learning rate of backbone parameters (0 freezes the backbone).
+        lr_backbone: learning rate of backbone parameters (``model.backbone.trainable`` freezes).
+        lr_linear_proj_mult: lr multiplier of deformable attention's sampling offsets and of the
+            reference-point predictor (0.1 in the Deformable family).
         lr_drop: epoch at which the StepLR schedule multiplies the lr by ``lr_gamma``.
         clip_max_norm: global gradient-norm clip; 0 disables.
         grad_accum_steps: micro-batches accumulated per optimiser step.
@@ -179,6 +212,7 @@ class TrainConfig:
     epochs: int = 300
     lr: float = 1e-4
     lr_backbone: float = 1e-5
+    lr_linear_proj_mult: float = 1.0
     weight_decay: float = 1e-4
     lr_drop: int = 200
     lr_gamma: float = 0.1

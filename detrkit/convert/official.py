@@ -59,7 +59,7 @@ def convert_official(
     if args is None:
         raise UserError(f"{path} stores no 'args'; pass --args-json with the training arguments")
     config = source.config_from_args(args)
-    result = convert_state_dict(state, source.rules, source.splits)
+    result = convert_state_dict(state, source.rules_for(args), source.splits)
     if not result.clean:
         raise UserError(f"{path} does not match the '{source.name}' layout: {result.describe()}")
     model = build_model(config.model)

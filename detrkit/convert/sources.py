@@ -19,6 +19,7 @@ from detrkit.config.schema import (
     TrainConfig,
     TransformerConfig,
 )
+from detrkit.convert.deformable_detr import DEFORMABLE_SPLITS, deformable_config, deformable_rules
 from detrkit.convert.rules import RenameRule, SplitRule
 from detrkit.errors import UserError
 
@@ -147,19 +148,24 @@ class SourceFormat:
     Attributes:
         name: the ``--from`` value.
         repos: golden-case ``repo`` values this format covers.
-        rules, splits: key conversion tables.
+        rules_for: official ``args`` -> rename rules (head layouts depend on the options).
+        splits: tensor-splitting rules.
         config_from_args: official ``args`` (a dict) -> ExperimentConfig.
     """
 
     name: str
     repos: tuple[str, ...]
-    rules: tuple[RenameRule, ...]
+    rules_for: Callable[[Mapping[str, Any]], tuple[RenameRule, ...]]
     splits: tuple[SplitRule, ...]
     config_from_args: Callable[[Mapping[str, Any]], ExperimentConfig]
 
 
 SOURCES: dict[str, SourceFormat] = {
-    "detr": SourceFormat("detr", ("detr",), DETR_RULES, DETR_SPLITS, detr_config),
+    "detr": SourceFormat("detr", ("detr",), lambda args: DETR_RULES, DETR_SPLITS, detr_config),
+    "deformable_detr": SourceFormat(
+        "deformable_detr", ("Deformable-DETR",), deformable_rules, DEFORMABLE_SPLITS,
+        deformable_config,
+    ),
 }
 
 

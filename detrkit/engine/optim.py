@@ -30,6 +30,8 @@ __all__ = [
 DEFAULT_GROUP = "default"
 # Spec C1.2: parameters whose name contains "backbone" train with lr_backbone.
 BACKBONE_PATTERN = "backbone"
+# Deformable DETR trains these at 0.1x the lr (``--lr_linear_proj_names``).
+LINEAR_PROJ_PATTERN = r"sampling_offsets|reference_points"
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,11 @@ def build_optimizer(
     (``BackboneConfig.trainable``); with ``lr_backbone == 0`` the backbone simply does not move.
     """
     backbone = ParamGroupRule(BACKBONE_PATTERN, lr=train_cfg.lr_backbone, name="backbone")
+    if train_cfg.lr_linear_proj_mult != 1.0:
+        linear_proj = ParamGroupRule(
+            LINEAR_PROJ_PATTERN, lr_mult=train_cfg.lr_linear_proj_mult, name="linear_proj"
+        )
+        extra_rules = (linear_proj, *extra_rules)
     groups = build_param_groups(
         model, train_cfg.lr, train_cfg.weight_decay, [backbone, *extra_rules]
     )

@@ -18,6 +18,7 @@ class FFN(nn.Module):
         self.linear2 = nn.Linear(hidden_dim, dim)
         self.dropout = nn.Dropout(dropout)
         self.activation = _ACTIVATIONS[activation]
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.xavier_uniform_(self.linear1.weight)

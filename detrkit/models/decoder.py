@@ -4,13 +4,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from detrkit.layers.attention import SelfAttention
 from detrkit.layers.ffn import FFN
+from detrkit.models.refine import BoxRefiner
 from detrkit.structures import DecoderOutput, EncoderMemory, QuerySet
+
+if TYPE_CHECKING:
+    from detrkit.models.heads import DetectionHead
 
 DEFAULT_ORDER = ("self_attn", "cross_attn", "ffn")
 
@@ -78,32 +83,54 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Runs the layers and collects every layer's (optionally normalised) output.
+    """Runs the layers, updates references between them, and collects every layer's output.
 
     Args:
         layers: decoder layers.
         output_norm: LayerNorm applied to each layer's output *for prediction* (DETR), or None.
+        refiner: reference update between layers (needs the head's box predictors at forward).
     """
 
-    def __init__(self, layers: Sequence[DecoderLayer], output_norm: nn.Module | None = None):
+    def __init__(
+        self,
+        layers: Sequence[DecoderLayer],
+        output_norm: nn.Module | None = None,
+        refiner: BoxRefiner | None = None,
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.output_norm = output_norm
+        self.refiner = refiner or BoxRefiner()
 
-    def forward(self, queries: QuerySet, memory: EncoderMemory) -> DecoderOutput:
-        """Decode ``queries`` against ``memory`` -> hidden [L, B, Q, D] and taps."""
+    def forward(
+        self, queries: QuerySet, memory: EncoderMemory, head: DetectionHead | None = None
+    ) -> DecoderOutput:
+        """Decode ``queries`` against ``memory``.
+
+        Args:
+            queries: content/pos [B, Q, D], reference [B, Q, 2|4] or None.
+            memory: encoder output.
+            head: provides the per-layer box predictors used by the refiner.
+
+        Returns:
+            hidden [L, B, Q, D], references (L + 1 tensors [B, Q, 2|4]; index k is what layer k's
+            prediction is relative to), taps.
+        """
         hidden, tap_lists = [], {}
-        query = queries.content
-        for layer in self.layers:
-            query, taps = layer(
-                query, queries.pos, queries.reference, memory, queries.self_attn_mask
-            )
+        query, reference = queries.content, queries.reference
+        references = [] if reference is None else [reference]
+        for index, layer in enumerate(self.layers):
+            query, taps = layer(query, queries.pos, reference, memory, queries.self_attn_mask)
             hidden.append(query if self.output_norm is None else self.output_norm(query))
             for name, value in taps.items():
                 tap_lists.setdefault(name, []).append(value)
+            if reference is not None:
+                box_head = head.box_predictor(index) if head is not None else None
+                reference, returned = self.refiner.step(box_head, query, reference)
+                references.append(returned)
         return DecoderOutput(
             hidden=torch.stack(hidden),
-            references=None,
+            references=tuple(references) if references else None,
             taps={name: torch.stack(values) for name, values in tap_lists.items()},
         )
 

@@ -19,7 +19,8 @@ class QueryDetector(nn.Module):
         backbone: pixels [B, 3, H, W] -> {stage: feature map}.
         neck: (features, padding_mask) -> list[FeatureLevel].
         encoder: list[FeatureLevel] -> EncoderMemory.
-        queries: (memory, num_queries, num_extra) -> QuerySet.
+        queries: (memory, num_queries, num_extra) -> (QuerySet, extra prediction groups such as
+            two-stage encoder proposals).
         decoder: (QuerySet, EncoderMemory) -> DecoderOutput.
         head: DecoderOutput -> prediction groups.
         num_queries: queries used at inference.
@@ -58,17 +59,18 @@ class QueryDetector(nn.Module):
         memory = self.encoder(levels)
         schemes = list(self.schemes) if self.training else []
         num_extra = sum(s.extra_queries for s in schemes)
-        queries = self.queries(memory, self.num_queries, num_extra)
+        queries, groups = self.queries(memory, self.num_queries, num_extra)
         extra_losses, passes = {}, []
         for scheme in schemes:
             queries = scheme.extend_queries(queries, memory, targets)
             auxiliary = scheme.auxiliary(memory, targets)
             extra_losses |= auxiliary.losses
             passes += auxiliary.query_sets
-        decoded = self.decoder(queries, memory)
-        groups = self.head.predict_groups(decoded, queries)
+        decoded = self.decoder(queries, memory, self.head)
+        groups = self.head.predict_groups(decoded, queries) + groups
         for scheme in schemes:
             groups += scheme.tap_groups(decoded, queries, self.head)
         for query_set in passes:
-            groups += self.head.predict_groups(self.decoder(query_set, memory), query_set)
+            decoded_pass = self.decoder(query_set, memory, self.head)
+            groups += self.head.predict_groups(decoded_pass, query_set)
         return DetectorOutput(groups, extra_losses)

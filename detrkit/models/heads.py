@@ -3,14 +3,19 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
 from detrkit.layers.ffn import MLP
-from detrkit.ops.boxes import inverse_sigmoid
+from detrkit.models.refine import refined_reference
 from detrkit.structures import DecoderOutput, PredictionGroup, QuerySet
 
 _BOX_MLP_LAYERS = 3
+# Focal-loss heads start predicting every class with probability 0.01 (RetinaNet's prior).
+PRIOR_PROB = 0.01
 
 
 class DetectionHead(nn.Module):
@@ -29,24 +34,39 @@ class DetectionHead(nn.Module):
         self.class_embed = nn.ModuleList(nn.Linear(dim, num_logits) for _ in range(count))
         self.bbox_embed = nn.ModuleList(MLP(dim, dim, 4, _BOX_MLP_LAYERS) for _ in range(count))
 
+    def init_for_sigmoid(self, prior_prob: float = PRIOR_PROB, first_wh_bias: float = -2.0) -> None:
+        """Deformable-family initialisation (spec E15): every class bias at the focal prior, box
+        heads predicting zero offsets, and the first box head's (w, h) bias at ``first_wh_bias``."""
+        for head in self.class_embed:
+            nn.init.constant_(head.bias, -math.log((1 - prior_prob) / prior_prob))
+        for index, head in enumerate(self.bbox_embed):
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+            if index == 0:
+                nn.init.constant_(head.layers[-1].bias[2:], first_wh_bias)
+
     def box_predictor(self, layer: int) -> nn.Module:
         return self.bbox_embed[min(layer, len(self.bbox_embed) - 1)]
 
-    def predict(self, hidden: Tensor, references: Tensor | None) -> tuple[Tensor, Tensor]:
-        """hidden: [L, B, Q, D]; references: [L+1, B, Q, 2|4] or None.
+    def predict(self, hidden: Tensor, references: Sequence[Tensor] | None) -> tuple[Tensor, Tensor]:
+        """Per-layer logits and boxes.
+
+        Args:
+            hidden: [L, B, Q, D].
+            references: per layer [B, Q, 2|4] sigmoid-space references, or None (DETR).
 
         Returns:
             logits [L, B, Q, num_logits] and boxes [L, B, Q, 4] cxcywh in [0, 1].
         """
         logits, boxes = [], []
         for layer in range(hidden.shape[0]):
-            head = self.class_embed[min(layer, len(self.class_embed) - 1)]
-            logits.append(head(hidden[layer]))
-            delta = self.box_predictor(layer)(hidden[layer])
-            if references is not None:
-                reference = inverse_sigmoid(references[layer])
-                delta = delta + nn.functional.pad(reference, (0, 4 - reference.shape[-1]))
-            boxes.append(delta.sigmoid())
+            logits.append(self.class_embed[min(layer, len(self.class_embed) - 1)](hidden[layer]))
+            if references is None:
+                boxes.append(self.box_predictor(layer)(hidden[layer]).sigmoid())
+            else:
+                boxes.append(
+                    refined_reference(self.box_predictor(layer), hidden[layer], references[layer])
+                )
         return torch.stack(logits), torch.stack(boxes)
 
     def predict_groups(self, decoded: DecoderOutput, queries: QuerySet) -> list[PredictionGroup]:

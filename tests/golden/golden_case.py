@@ -76,7 +76,7 @@ class GoldenCase:
         case.official_state = official_state_dict(spec, path.parent)
         case.config = case.source.config_from_args(spec["args"])
         case.conversion = convert_state_dict(
-            case.official_state, case.source.rules, case.source.splits
+            case.official_state, case.source.rules_for(spec["args"]), case.source.splits
         )
         torch.manual_seed(0)
         case.model = build_model(case.config.model)

@@ -99,4 +99,4 @@ def test_malicious_pickle_is_refused(tmp_path, capsys):
 
 def test_every_source_has_rules():
     for source in SOURCES.values():
-        assert source.rules and source.repos
+        assert source.repos and source.splits is not None

@@ -1,0 +1,50 @@
+# SPDX-License-Identifier: Apache-2.0
+"""How decoder layers update their reference boxes (spec C2.1, C3.1, E11-E13)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from detrkit.ops.boxes import inverse_sigmoid
+
+
+def refined_reference(box_head: nn.Module, hidden: Tensor, reference: Tensor) -> Tensor:
+    """sigmoid(box_head(hidden) + inverse_sigmoid(reference)); a 2-d reference shifts (cx, cy).
+
+    Args:
+        hidden: [B, Q, D].
+        reference: [B, Q, 2 | 4] sigmoid space.
+
+    Returns:
+        [B, Q, 4] refined boxes, cxcywh in [0, 1].
+    """
+    delta = box_head(hidden)
+    offset = inverse_sigmoid(reference)
+    if reference.shape[-1] == 2:
+        offset = nn.functional.pad(offset, (0, 2))
+    return (delta + offset).sigmoid()
+
+
+@dataclass(frozen=True)
+class BoxRefiner:
+    """Reference update between decoder layers.
+
+    Attributes:
+        mode: "none" keeps the initial references; "iterative" feeds every layer the detached
+            refinement of the previous one (``--with_box_refine``); "look_forward_twice" does the
+            same but returns the *undetached* refinements for prediction, so layer k's loss also
+            trains layer k-1's box head (H-DETR's ``--look_forward_twice``).
+    """
+
+    mode: str = "none"
+
+    def step(self, box_head: nn.Module, hidden: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (reference fed to the next layer, reference returned for prediction)."""
+        if self.mode == "none":
+            return reference, reference
+        refined = refined_reference(box_head, hidden, reference)
+        # The next layer never back-propagates into earlier layers through its reference.
+        returned = refined if self.mode == "look_forward_twice" else refined.detach()
+        return refined.detach(), returned

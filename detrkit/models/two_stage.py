@@ -1,0 +1,121 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Two-stage query selection: encoder tokens propose boxes, the best become the queries."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from detrkit.layers.ffn import MLP
+from detrkit.models.heads import PRIOR_PROB
+from detrkit.models.queries import MAIN_GROUP
+from detrkit.structures import EncoderMemory, PredictionGroup, QueryGroup, QuerySet
+
+# Proposal sizes are 0.05 * 2^level of the valid image (spec C2.1).
+BASE_PROPOSAL_SIZE = 0.05
+# Proposals touching the border band are invalid (spec E10).
+PROPOSAL_BORDER = 0.01
+ENCODER_GROUP = "enc"
+
+
+def encoder_proposals(memory: EncoderMemory) -> tuple[Tensor, Tensor]:
+    """One anchor box per token and which anchors are usable.
+
+    Returns:
+        proposal_logits [B, S, 4]: inverse sigmoid of (cx, cy, w, h), +inf on padding and
+        invalid anchors; valid [B, S, 1] bool.
+    """
+    batch = memory.tokens.shape[0]
+    proposals = []
+    for level, ((height, width), start) in enumerate(
+        zip(memory.spatial_shapes.tolist(), memory.level_start.tolist())
+    ):
+        mask = memory.padding_mask[:, start : start + height * width].view(batch, height, width)
+        valid_h, valid_w = (~mask[:, :, 0]).sum(1), (~mask[:, 0, :]).sum(1)
+        grid_y, grid_x = torch.meshgrid(
+            torch.linspace(0, height - 1, height, dtype=torch.float32, device=mask.device),
+            torch.linspace(0, width - 1, width, dtype=torch.float32, device=mask.device),
+            indexing="ij",
+        )
+        grid = torch.stack((grid_x, grid_y), -1)
+        scale = torch.stack((valid_w, valid_h), -1).view(batch, 1, 1, 2)
+        centres = (grid[None].expand(batch, -1, -1, -1) + 0.5) / scale
+        sizes = torch.ones_like(centres) * BASE_PROPOSAL_SIZE * (2.0**level)
+        proposals.append(torch.cat((centres, sizes), -1).view(batch, -1, 4))
+    proposals = torch.cat(proposals, 1)
+    valid = ((proposals > PROPOSAL_BORDER) & (proposals < 1 - PROPOSAL_BORDER)).all(
+        -1, keepdim=True
+    )
+    # A plain logit: the proposals are clamped by construction, unlike inverse_sigmoid's inputs.
+    logits = torch.log(proposals / (1 - proposals))
+    logits = logits.masked_fill(memory.padding_mask[..., None], float("inf"))
+    return logits.masked_fill(~valid, float("inf")), valid
+
+
+def proposal_sine_embedding(proposal_logits: Tensor, dim: int) -> Tensor:
+    """[B, K, 4] proposal logits -> [B, K, 4 * dim / 2]: sine embedding of (cx, cy, w, h)."""
+    num_feats = dim // 2
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=proposal_logits.device)
+    dim_t = 10000 ** (2 * (dim_t // 2) / num_feats)
+    scaled = proposal_logits.sigmoid() * (2 * math.pi)
+    pos = scaled[:, :, :, None] / dim_t
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
+
+
+class TwoStageQuerySelector(nn.Module):
+    """Score every encoder token as a class-agnostic proposal and keep the top-k as queries.
+
+    Args:
+        dim: width D.
+        num_logits: class logits of the proposal head (only logit 0, "foreground", ranks).
+        mixed_selection: learned content queries with proposal positions (H-DETR, DINO).
+        num_embeddings: rows of the learned content table (mixed selection only).
+    """
+
+    def __init__(
+        self, dim: int, num_logits: int, *, mixed_selection: bool = False, num_embeddings: int = 0
+    ) -> None:
+        super().__init__()
+        self.enc_output = nn.Linear(dim, dim)
+        self.enc_output_norm = nn.LayerNorm(dim)
+        self.pos_trans = nn.Linear(2 * dim, 2 * dim)
+        self.pos_trans_norm = nn.LayerNorm(2 * dim)
+        self.class_embed = nn.Linear(dim, num_logits)
+        self.bbox_embed = MLP(dim, dim, 4, 3)
+        self.query_embed = nn.Embedding(num_embeddings, dim) if mixed_selection else None
+        self.dim = dim
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for linear in (self.enc_output, self.pos_trans):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        nn.init.constant_(self.class_embed.bias, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))
+        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
+        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+
+    def forward(
+        self, memory: EncoderMemory, num_queries: int, num_extra: int = 0
+    ) -> tuple[QuerySet, list[PredictionGroup]]:
+        """Top ``num_queries + num_extra`` proposals; also the "enc" prediction group."""
+        proposal_logits, valid = encoder_proposals(memory)
+        hidden = memory.tokens.masked_fill(memory.padding_mask[..., None], 0.0)
+        hidden = self.enc_output_norm(self.enc_output(hidden.masked_fill(~valid, 0.0)))
+        logits = self.class_embed(hidden)
+        coords_logit = self.bbox_embed(hidden) + proposal_logits
+        total = num_queries + num_extra
+        top = torch.topk(logits[..., 0], total, dim=1)[1]
+        # The selected boxes become fixed starting references: no gradient through the ranking.
+        chosen = torch.gather(coords_logit, 1, top[..., None].expand(-1, -1, 4)).detach()
+        embedding = self.pos_trans_norm(self.pos_trans(proposal_sine_embedding(chosen, self.dim)))
+        pos, content = embedding.split(self.dim, dim=2)
+        if self.query_embed is not None:
+            content = self.query_embed.weight[:total][None].expand(pos.shape[0], -1, -1)
+        main = QueryGroup(MAIN_GROUP, 0, num_queries, at_inference=True)
+        queries = QuerySet(content=content, pos=pos, reference=chosen.sigmoid(), groups=(main,))
+        encoder_group = PredictionGroup(
+            ENCODER_GROUP, logits[None], coords_logit.sigmoid()[None], class_agnostic=True
+        )
+        return queries, [encoder_group]
