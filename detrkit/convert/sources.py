@@ -163,7 +163,10 @@ class SourceFormat:
 SOURCES: dict[str, SourceFormat] = {
     "detr": SourceFormat("detr", ("detr",), lambda args: DETR_RULES, DETR_SPLITS, detr_config),
     "deformable_detr": SourceFormat(
-        "deformable_detr", ("Deformable-DETR",), deformable_rules, DEFORMABLE_SPLITS,
+        "deformable_detr",
+        ("Deformable-DETR",),
+        deformable_rules,
+        DEFORMABLE_SPLITS,
         deformable_config,
     ),
 }

@@ -110,8 +110,10 @@ class Trainer:
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.log = JsonlWriter(self.output_dir / "metrics.jsonl", self.ctx.is_main)
         if resume is None and any(self.checkpoint_dir.glob(CHECKPOINT_PATTERN)):
-            raise UserError(f"{self.output_dir} already holds a run; pass --resume "
-                            f"{self.output_dir} to continue it or choose another --output-dir")
+            raise UserError(
+                f"{self.output_dir} already holds a run; pass --resume "
+                f"{self.output_dir} to continue it or choose another --output-dir"
+            )
         if init_from:
             self._init_from(init_from, allow_partial)
         if resume:

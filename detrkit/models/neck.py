@@ -37,6 +37,7 @@ class ChannelMapper(nn.Module):
         num_extra_levels: int = 0,
     ) -> None:
         super().__init__()
+
         def norm() -> list[nn.Module]:
             return [nn.GroupNorm(_NUM_GROUPS, dim)] if group_norm else []
 

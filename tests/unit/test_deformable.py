@@ -14,14 +14,24 @@ from detrkit.models.encoder import flatten_levels
 from detrkit.models.two_stage import encoder_proposals
 from detrkit.structures import FeatureLevel, ImageBatch
 
-TINY = ["model.hidden_dim=32", "model.num_heads=2", "model.num_queries=6",
-        "model.encoder.num_layers=1", "model.decoder.num_layers=3",
-        "model.backbone.name=resnet18", "model.num_feature_levels=2"]
+TINY = [
+    "model.hidden_dim=32",
+    "model.num_heads=2",
+    "model.num_queries=6",
+    "model.encoder.num_layers=1",
+    "model.decoder.num_layers=3",
+    "model.backbone.name=resnet18",
+    "model.num_feature_levels=2",
+]
 
 
 def _memory(masks):
-    levels = [FeatureLevel(torch.randn(m.shape[0], 4, *m.shape[1:]), m,
-                           torch.zeros(m.shape[0], 4, *m.shape[1:])) for m in masks]
+    levels = [
+        FeatureLevel(
+            torch.randn(m.shape[0], 4, *m.shape[1:]), m, torch.zeros(m.shape[0], 4, *m.shape[1:])
+        )
+        for m in masks
+    ]
     return flatten_levels(levels)
 
 
@@ -77,8 +87,9 @@ def _images():
     return ImageBatch(torch.randn(1, 3, 64, 64), mask, torch.tensor([[64, 64]]))
 
 
-@pytest.mark.parametrize("mode,reaches_previous", [("iterative", False),
-                                                    ("look_forward_twice", True)])
+@pytest.mark.parametrize(
+    "mode,reaches_previous", [("iterative", False), ("look_forward_twice", True)]
+)
 def test_reference_gradient_routing(mode, reaches_previous):
     cfg = load_config("deformable_detr_r50_two_stage", [*TINY, f"model.box_refine={mode}"]).model
     model = build_model(cfg, 3).train()

@@ -11,10 +11,15 @@ from detrkit.config.load import list_presets, load_config
 from detrkit.structures import ImageBatch, Target
 
 TINY = [
-    "model.hidden_dim=32", "model.num_heads=2", "model.num_queries=12",
-    "model.encoder.num_layers=1", "model.encoder.ffn_dim=64",
-    "model.decoder.num_layers=2", "model.decoder.ffn_dim=64",
-    "model.backbone.name=resnet18", "model.backbone.dilation=false",
+    "model.hidden_dim=32",
+    "model.num_heads=2",
+    "model.num_queries=12",
+    "model.encoder.num_layers=1",
+    "model.encoder.ffn_dim=64",
+    "model.decoder.num_layers=2",
+    "model.decoder.ffn_dim=64",
+    "model.backbone.name=resnet18",
+    "model.backbone.dilation=false",
 ]
 
 
