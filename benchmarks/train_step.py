@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from detrkit.engine.optim import make_adamw
+
 IMAGE_SIZE = 640
 NUM_CLASSES = 91
 BOXES_PER_IMAGE = 10
@@ -58,7 +60,7 @@ def _detrkit(batch: int, device):
     sizes = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE]] * batch, device=device)
     images = ImageBatch(pixels, mask, sizes)
     targets = [Target(labels, boxes) for labels, boxes in _targets(batch, device)]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = make_adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def train():
         model.train()
@@ -96,14 +98,19 @@ def _transformers(batch: int, device):
         two_stage=True,
         with_box_refine=True,
         num_labels=NUM_CLASSES,
+        # The original (and detrkit's preset) applies dropout 0.1 after attention, inside the
+        # FFN and on the decoder's self-attention probabilities; transformers splits these into
+        # three settings and defaults the last two to 0.
         dropout=0.1,
+        activation_dropout=0.1,
+        attention_dropout=0.1,
         disable_custom_kernels=True,
     )
     model = DeformableDetrForObjectDetection(config).to(device)
     pixels = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
     pixel_mask = torch.ones(batch, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.long, device=device)
     labels = [{"class_labels": lab, "boxes": box} for lab, box in _targets(batch, device)]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = make_adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def train():
         model.train()
@@ -180,6 +187,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--modes", nargs="+", default=["train", "inference"],
+                        choices=["train", "inference"])
     parser.add_argument("--child", nargs=3, metavar=("IMPL", "BATCH", "MODE"))
     args = parser.parse_args()
     if args.child:
@@ -187,7 +196,7 @@ def main() -> None:
         print(json.dumps(_run_one(impl, int(batch), mode, args.device, args.repeats)))
         return
     rows = []
-    for mode in ("train", "inference"):
+    for mode in args.modes:
         for batch in args.batch_sizes:
             ours = _subprocess("detrkit", batch, mode, args)
             theirs = _subprocess("transformers", batch, mode, args)
