@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-DEMO_PRESET = "detr_tiny"
+DEMO_PRESET = "deformable_detr_tiny"
 NUM_DRAWN = 6
 
 

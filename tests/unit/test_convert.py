@@ -31,22 +31,23 @@ def test_rules_report_unmatched_dropped_and_collisions():
     assert convert_state_dict({"zzz": torch.zeros(1)}, rules).unmatched == ["zzz"]
 
 
-def _detr_case() -> GoldenCase:
-    path = GOLDEN_DIR / "detr_r18.json"
+def _case(name: str = "detr_r18") -> GoldenCase:
+    path = GOLDEN_DIR / f"{name}.json"
     if not path.is_file():
         pytest.skip(f"golden case {path} not available")
     return GoldenCase.load(path)
 
 
-def test_cli_convert_of_official_detr_checkpoint_reproduces_golden_outputs(tmp_path):
-    case = _detr_case()
-    official = tmp_path / "detr.pth"
+@pytest.mark.parametrize("name", ["detr_r18", "deformable_detr_r18_ms_refine_twostage"])
+def test_cli_convert_of_official_checkpoint_reproduces_golden_outputs(tmp_path, name):
+    case = _case(name)
+    official = tmp_path / "official.pth"
     torch.save(
         {"model": case.official_state, "args": argparse.Namespace(**case.spec["args"]), "epoch": 3},
         official,
     )
-    out = tmp_path / "detr.safetensors"
-    assert main(["convert", "--from", "detr", str(official), "--out", str(out)]) == 0
+    out = tmp_path / "converted.safetensors"
+    assert main(["convert", "--from", case.source.name, str(official), "--out", str(out)]) == 0
     loaded = load_model(out)
     assert loaded.label_map.num_classes == 91
     with torch.no_grad():
@@ -60,7 +61,7 @@ def test_cli_convert_of_official_detr_checkpoint_reproduces_golden_outputs(tmp_p
 
 
 def test_args_json_for_files_without_args(tmp_path):
-    case = _detr_case()
+    case = _case()
     official = tmp_path / "bare.pth"
     torch.save({"model": case.official_state}, official)
     out = tmp_path / "bare.safetensors"
