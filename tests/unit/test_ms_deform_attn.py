@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import detrkit.ops.fused_sampling as fused_sampling_module
 import detrkit.ops.ms_deform_attn as ms_deform_attn_module
 from detrkit.ops.ms_deform_attn import (
     ms_deform_attn,
@@ -217,7 +218,7 @@ def test_fused_without_queries():
 @pytest.mark.parametrize("case", ["four_levels", "many_queries"])
 def test_fused_fallbacks(monkeypatch, setting, setting_value, case):
     """The non-CPU path for the folded-weight gradients and the int64 index path."""
-    monkeypatch.setattr(ms_deform_attn_module, setting, setting_value)
+    monkeypatch.setattr(fused_sampling_module, setting, setting_value)
     inputs = make_inputs(dtype=torch.float64, **CASES[case])
     reference = outputs_and_grads(ms_deform_attn_reference, inputs)
     fused = outputs_and_grads(ms_deform_attn_fused, inputs)
