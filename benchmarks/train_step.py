@@ -107,6 +107,12 @@ def _transformers(batch: int, device):
         disable_custom_kernels=True,
     )
     model = DeformableDetrForObjectDetection(config).to(device)
+    # Train ResNet stages 2-4 as the original and detrkit do. transformers means to, but its
+    # name filter ("stage.1") never matches its own parameter names ("stages.1"), which leaves
+    # the whole backbone frozen and skips its backward pass.
+    for name, parameter in model.model.backbone.named_parameters():
+        if any(f"stages.{i}." in name for i in (1, 2, 3)):
+            parameter.requires_grad_(True)
     pixels = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
     pixel_mask = torch.ones(batch, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.long, device=device)
     labels = [{"class_labels": lab, "boxes": box} for lab, box in _targets(batch, device)]
