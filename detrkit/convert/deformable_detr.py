@@ -37,6 +37,7 @@ DEFORMABLE_SPLITS = (
 # The parts every Deformable-DETR-style checkpoint shares (DDETR, H-DETR, MS-DETR, MPViT, CoaT).
 DEFORMABLE_BODY_RULES = (
     RenameRule(r"backbone\.0\.body\.(.+)", r"backbone.\1"),
+    RenameRule(r"backbone\.1\.(row_embed|col_embed)\.weight", r"neck.position.\1.weight"),
     RenameRule(r"input_proj\.(\d+)\.([01])\.(weight|bias)", r"neck.projections.\1.\2.\3"),
     RenameRule(r"transformer\.level_embed", r"encoder.level_embed"),
     RenameRule(rf"{_ENC}\.self_attn\.{_MSDA}", r"encoder.layers.\1.self_attn.\2.\3"),
@@ -110,7 +111,7 @@ def deformable_model_config(args: Mapping[str, Any], **changes) -> ModelConfig:
         backbone=BackboneConfig(
             name=args["backbone"], dilation=args["dilation"], trainable=args["lr_backbone"] > 0
         ),
-        position=PositionConfig(offset=-0.5),
+        position=PositionConfig(kind=_position_kind(args), offset=-0.5),
         encoder=TransformerConfig(
             num_layers=args["enc_layers"], num_points=args["enc_n_points"], **layer
         ),
@@ -130,6 +131,10 @@ def deformable_model_config(args: Mapping[str, Any], **changes) -> ModelConfig:
     )
     fields.update(changes)
     return ModelConfig(**fields)
+
+
+def _position_kind(args: Mapping[str, Any]) -> str:
+    return "learned" if args.get("position_embedding") in ("learned", "v3") else "sine"
 
 
 def deformable_train_config(args: Mapping[str, Any]) -> TrainConfig:

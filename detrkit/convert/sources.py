@@ -50,8 +50,12 @@ DETR_SPLITS = (
         r"transformer\.decoder\.layers\.(\d+)\.multihead_attn", r"decoder.layers.\1.cross_attn.attn"
     ),
 )
+# ``--position_embedding learned`` tables (both DETR and the Deformable family).
+LEARNED_POSITION_RULE = RenameRule(r"backbone\.1\.(row_embed|col_embed)\.weight",
+                                   r"neck.position.\1.weight")
 DETR_RULES = (
     RenameRule(r"backbone\.0\.body\.(.+)", r"backbone.\1"),
+    LEARNED_POSITION_RULE,
     RenameRule(r"input_proj\.(weight|bias)", r"neck.projections.0.0.\1"),
     RenameRule(r"query_embed\.weight", r"queries.query_embed.weight"),
     RenameRule(r"class_embed\.(weight|bias)", r"head.class_embed.0.\1"),

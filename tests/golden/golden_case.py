@@ -17,6 +17,7 @@ from detrkit.config.build import build_criterion, build_model, build_postprocess
 from detrkit.convert.official_names import official_loss, official_match_path, official_output
 from detrkit.convert.rules import ConversionResult, convert_state_dict
 from detrkit.convert.sources import SourceFormat, source_for_repo
+from detrkit.errors import UserError
 from detrkit.structures import DetectorOutput, ImageBatch, Target
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,6 +65,7 @@ class GoldenCase:
     official_state: dict[str, torch.Tensor] = field(default_factory=dict)
     conversion: ConversionResult | None = None
     model: torch.nn.Module | None = None
+    unsupported: str = ""
 
     @classmethod
     def load(cls, path: Path) -> GoldenCase:
@@ -73,8 +75,12 @@ class GoldenCase:
             return case
         case.tensors = load_file(str(path.with_suffix(".safetensors")))
         case.inputs = load_file(str(path.parent / spec.get("inputs", "inputs.safetensors")))
+        try:
+            case.config = case.source.config_from_args(spec["args"])
+        except UserError as error:  # an option detrkit does not support (e.g. --masks)
+            case.source, case.unsupported = None, str(error)
+            return case
         case.official_state = official_state_dict(spec, path.parent)
-        case.config = case.source.config_from_args(spec["args"])
         case.conversion = convert_state_dict(
             case.official_state, case.source.rules_for(spec["args"]), case.source.splits
         )

@@ -24,7 +24,9 @@ def case(request) -> GoldenCase:
     path: Path = request.param
     loaded = GoldenCase.load(path)
     if loaded.source is None:
-        pytest.skip(f"{path.name}: repo '{loaded.spec['repo']}' is not supported by detrkit yet")
+        unsupported_repo = f"repo '{loaded.spec['repo']}' is not supported by detrkit yet"
+        reason = loaded.unsupported or unsupported_repo
+        pytest.skip(f"{path.name}: {reason}")
     return loaded
 
 
