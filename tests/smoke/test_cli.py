@@ -25,11 +25,14 @@ TINY = [
 ]
 
 
-def _train(data, out, *extra, resume=None):
+PRESETS = ["detr_tiny", "deformable_detr_tiny"]
+
+
+def _train(data, out, *extra, resume=None, config="detr_tiny"):
     argv = [
         "train",
         "--config",
-        "detr_tiny",
+        config,
         "--data",
         str(data),
         "--output-dir",
@@ -51,10 +54,10 @@ def _losses(run_dir):
     }
 
 
-@pytest.fixture(scope="module")
-def trained(synthetic_coco, tmp_path_factory):
+@pytest.fixture(scope="module", params=PRESETS)
+def trained(synthetic_coco, tmp_path_factory, request):
     out = tmp_path_factory.mktemp("run")
-    _train(synthetic_coco, out, "train.epochs=2", "train.lr_drop=1")
+    _train(synthetic_coco, out, "train.epochs=2", "train.lr_drop=1", config=request.param)
     return out
 
 
@@ -69,12 +72,13 @@ def test_train_writes_run_folder(trained):
     assert (trained / "curves.png").stat().st_size > 0
 
 
-def test_resume_reproduces_next_losses_exactly(synthetic_coco, tmp_path):
+@pytest.mark.parametrize("config", PRESETS)
+def test_resume_reproduces_next_losses_exactly(synthetic_coco, tmp_path, config):
     straight, halted = tmp_path / "straight", tmp_path / "halted"
-    _train(synthetic_coco, straight, "train.epochs=2")
+    _train(synthetic_coco, straight, "train.epochs=2", config=config)
     # Stop mid-epoch (step 5 of 8 per epoch), then continue from that checkpoint.
-    _train(synthetic_coco, halted, "train.epochs=2", "train.max_steps=5")
-    _train(synthetic_coco, halted, "train.epochs=2", resume=halted)
+    _train(synthetic_coco, halted, "train.epochs=2", "train.max_steps=5", config=config)
+    _train(synthetic_coco, halted, "train.epochs=2", resume=halted, config=config)
     expected, resumed = _losses(straight), _losses(halted)
     assert sorted(resumed) == sorted(expected)
     for step in range(6, 17):
@@ -152,7 +156,7 @@ def test_init_from_reports_reinitialised_head(trained, synthetic_coco, tmp_path,
     argv = [
         "train",
         "--config",
-        "detr_tiny",
+        str(trained / "config.yaml"),  # the resolved config of the run being fine-tuned
         "--data",
         str(data),
         "--output-dir",
