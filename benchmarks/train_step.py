@@ -193,8 +193,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--modes", nargs="+", default=["train", "inference"],
-                        choices=["train", "inference"])
+    parser.add_argument(
+        "--modes", nargs="+", default=["train", "inference"], choices=["train", "inference"]
+    )
     parser.add_argument("--child", nargs=3, metavar=("IMPL", "BATCH", "MODE"))
     args = parser.parse_args()
     if args.child:

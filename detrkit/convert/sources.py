@@ -51,8 +51,9 @@ DETR_SPLITS = (
     ),
 )
 # ``--position_embedding learned`` tables (both DETR and the Deformable family).
-LEARNED_POSITION_RULE = RenameRule(r"backbone\.1\.(row_embed|col_embed)\.weight",
-                                   r"neck.position.\1.weight")
+LEARNED_POSITION_RULE = RenameRule(
+    r"backbone\.1\.(row_embed|col_embed)\.weight", r"neck.position.\1.weight"
+)
 DETR_RULES = (
     RenameRule(r"backbone\.0\.body\.(.+)", r"backbone.\1"),
     LEARNED_POSITION_RULE,
