@@ -113,6 +113,8 @@ class QueryGroup:
         assigner: key into ``SetCriterion.assigners``.
         loss_weight: multiplies every loss term of the group.
         at_inference: whether this group is returned by ``DetectorOutput.for_inference``.
+        target_repeat: the group is supervised against every target repeated this many times
+            (H-DETR's one-to-many group).
     """
 
     name: str
@@ -121,6 +123,7 @@ class QueryGroup:
     assigner: str = "hungarian"
     loss_weight: float = 1.0
     at_inference: bool = False
+    target_repeat: int = 1
 
 
 @dataclass
@@ -176,7 +179,8 @@ class PredictionGroup:
         loss_weight: multiplies every term of the group.
         at_inference: whether the group is the detector's inference output.
         class_agnostic: match and supervise with every label set to 0 (two-stage proposals).
-        targets: per-image targets replacing the batch targets (e.g. K-repeated), or None.
+        targets: per-image targets replacing the batch targets, or None.
+        target_repeat: supervise against the targets repeated this many times.
     """
 
     name: str
@@ -187,6 +191,7 @@ class PredictionGroup:
     at_inference: bool = False
     class_agnostic: bool = False
     targets: list[Target] | None = None
+    target_repeat: int = 1
 
     @property
     def num_layers(self) -> int:

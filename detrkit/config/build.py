@@ -28,6 +28,8 @@ from detrkit.models.postprocess import SoftmaxPostprocess, TopKSigmoidPostproces
 from detrkit.models.queries import LearnedQueries, LearnedQueriesWithReference
 from detrkit.models.refine import BoxRefiner
 from detrkit.models.two_stage import TwoStageQuerySelector
+from detrkit.schemes.base import TrainingScheme
+from detrkit.schemes.hybrid import HybridMatching
 
 
 def resolved_num_classes(cfg: ModelConfig, num_classes: int | None = None) -> int:
@@ -158,15 +160,27 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> QueryDetect
         group_norm=deformable,
         num_extra_levels=cfg.num_feature_levels - len(stages),
     )
+    schemes = build_schemes(cfg)
+    num_extra = sum(scheme.extra_queries for scheme in schemes)
     return QueryDetector(
         backbone=backbone,
         neck=neck,
         encoder=build_encoder(cfg),
-        queries=build_queries(cfg, logits),
+        queries=build_queries(cfg, logits, num_extra),
         decoder=build_decoder(cfg),
         head=build_head(cfg, logits),
         num_queries=cfg.num_queries,
+        schemes=schemes,
     )
+
+
+def build_schemes(cfg: ModelConfig) -> list[TrainingScheme]:
+    """The enabled training schemes, in a fixed order (their query slots follow the main ones)."""
+    schemes: list[TrainingScheme] = []
+    hybrid = cfg.schemes.hybrid
+    if hybrid is not None:
+        schemes.append(HybridMatching(hybrid.num_queries, hybrid.repeat_k, hybrid.loss_weight))
+    return schemes
 
 
 def validate_model_config(cfg: ModelConfig) -> None:

@@ -127,6 +127,28 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class HybridConfig:
+    """H-DETR hybrid matching (spec C3).
+
+    Attributes:
+        num_queries: extra one-to-many query slots in training (``--num_queries_one2many``).
+        repeat_k: times each ground-truth box is repeated for them (``--k_one2many``).
+        loss_weight: weight of their losses (``--lambda_one2many``).
+    """
+
+    num_queries: int = 1500
+    repeat_k: int = 6
+    loss_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class SchemesConfig:
+    """Training-only supervision schemes; a section left null is off."""
+
+    hybrid: HybridConfig | None = None
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The detector.
 
@@ -157,6 +179,7 @@ class ModelConfig:
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     top_k: int | None = None
+    schemes: SchemesConfig = field(default_factory=SchemesConfig)
 
 
 @dataclass(frozen=True)

@@ -24,33 +24,52 @@ class OutputRef:
     field: str
 
 
+# H-DETR suffixes its one-to-many outputs and losses with "_one2many".
+_O2M = "_one2many"
+
+
+def _group_of(suffixed: bool) -> str:
+    return "o2m" if suffixed else "main"
+
+
 def official_output(path: str, num_layers: int) -> OutputRef | None:
-    """``pred_logits`` / ``aux_outputs.{i}.pred_boxes`` -> OutputRef; None when not mapped."""
-    match = re.fullmatch(r"(?:aux_outputs\.(\d+)\.|(enc_outputs)\.)?(pred_logits|pred_boxes)", path)
+    """``pred_logits`` / ``aux_outputs.{i}.pred_boxes`` / ``enc_outputs.pred_logits`` /
+    ``aux_outputs_one2many.{i}.pred_logits`` ... -> OutputRef; None when not mapped."""
+    match = re.fullmatch(
+        r"(?:aux_outputs(_one2many)?\.(\d+)\.|(enc_outputs)\.)?(pred_logits|pred_boxes)(_one2many)?",
+        path,
+    )
     if not match:
         return None
-    if match.group(2):
-        return OutputRef("enc", 0, _FIELDS[match.group(3)])
-    layer = int(match.group(1)) if match.group(1) is not None else num_layers - 1
-    return OutputRef("main", layer, _FIELDS[match.group(3)])
+    field = _FIELDS[match.group(4)]
+    if match.group(3):
+        return OutputRef("enc", 0, field)
+    group = _group_of(bool(match.group(1) or match.group(5)))
+    layer = int(match.group(2)) if match.group(2) is not None else num_layers - 1
+    return OutputRef(group, layer, field)
 
 
 def official_loss(name: str, num_layers: int) -> str | None:
-    """``loss_ce`` / ``loss_giou_2`` -> ``main/cls/d{L-1}`` / ``main/giou/d2``; else None."""
-    match = re.fullmatch(r"(loss_ce|loss_bbox|loss_giou)(?:_(\d+|enc))?", name)
+    """``loss_ce`` / ``loss_giou_2`` / ``loss_bbox_enc`` / ``loss_ce_0_one2many`` -> detrkit
+    names (``main/cls/d{L-1}``, ``main/giou/d2``, ``enc/l1/d0``, ``o2m/cls/d0``); else None."""
+    match = re.fullmatch(r"(loss_ce|loss_bbox|loss_giou)(?:_(\d+|enc))?(_one2many)?", name)
     if not match:
         return None
+    term = _TERMS[match.group(1)]
     if match.group(2) == "enc":
-        return f"enc/{_TERMS[match.group(1)]}/d0"
+        return f"enc/{term}/d0"
     layer = int(match.group(2)) if match.group(2) is not None else num_layers - 1
-    return f"main/{_TERMS[match.group(1)]}/d{layer}"
+    return f"{_group_of(bool(match.group(3)))}/{term}/d{layer}"
 
 
 def official_match_path(path: str, num_layers: int) -> tuple[str, int] | None:
-    """Matcher-call path ("final", "aux_outputs.{i}") -> (group, layer)."""
+    """Matcher-call path ("final", "aux_outputs.{i}", "enc_outputs", "pred_logits_one2many",
+    "aux_outputs_one2many.{i}") -> (group, layer)."""
     if path == "final":
         return "main", num_layers - 1
     if path == "enc_outputs":
         return "enc", 0
-    match = re.fullmatch(r"aux_outputs\.(\d+)", path)
-    return ("main", int(match.group(1))) if match else None
+    if path == "pred_logits_one2many":
+        return "o2m", num_layers - 1
+    match = re.fullmatch(r"aux_outputs(_one2many)?\.(\d+)", path)
+    return (_group_of(bool(match.group(1))), int(match.group(2))) if match else None

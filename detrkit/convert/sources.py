@@ -20,6 +20,7 @@ from detrkit.config.schema import (
     TransformerConfig,
 )
 from detrkit.convert.deformable_detr import DEFORMABLE_SPLITS, deformable_config, deformable_rules
+from detrkit.convert.hdetr import hdetr_config
 from detrkit.convert.rules import RenameRule, SplitRule
 from detrkit.errors import UserError
 
@@ -173,6 +174,9 @@ SOURCES: dict[str, SourceFormat] = {
         deformable_rules,
         DEFORMABLE_SPLITS,
         deformable_config,
+    ),
+    "hdetr": SourceFormat(
+        "hdetr", ("H-Deformable-DETR",), deformable_rules, DEFORMABLE_SPLITS, hdetr_config
     ),
 }
 

@@ -23,6 +23,13 @@ def class_agnostic(targets: Sequence[Target]) -> list[Target]:
     return [replace(t, labels=torch.zeros_like(t.labels)) for t in targets]
 
 
+def repeated(targets: Sequence[Target], times: int) -> list[Target]:
+    """Every target's boxes tiled ``times`` times: [g1..gG, g1..gG, ...] (H-DETR)."""
+    return [
+        replace(t, labels=t.labels.repeat(times), boxes=t.boxes.repeat(times, 1)) for t in targets
+    ]
+
+
 class SetCriterion(nn.Module):
     """Match every (group, layer) and apply every loss term.
 
@@ -58,6 +65,8 @@ class SetCriterion(nn.Module):
 
     def group_targets(self, group: PredictionGroup, targets: list[Target]) -> list[Target]:
         chosen = group.targets if group.targets is not None else targets
+        if group.target_repeat > 1:
+            chosen = repeated(chosen, group.target_repeat)
         return class_agnostic(chosen) if group.class_agnostic else chosen
 
     def num_boxes(self, targets: Sequence[Target], device: torch.device) -> float:
@@ -88,7 +97,8 @@ class SetCriterion(nn.Module):
         terms, weights = {}, {}
         for group in output.groups:
             group_targets = self.group_targets(group, targets)
-            num_boxes = self.num_boxes(group.targets or targets, device)
+            # H-DETR normalises the one-to-many group by its repeated target count (spec E16).
+            num_boxes = self.num_boxes(group_targets, device)
             for layer in self.supervised_layers(group):
                 logits, boxes = group.logits[layer].float(), group.boxes[layer].float()
                 for term_name, term in self.terms.items():

@@ -80,6 +80,7 @@ class DetectionHead(nn.Module):
                 assigner=group.assigner,
                 loss_weight=group.loss_weight,
                 at_inference=group.at_inference,
+                target_repeat=group.target_repeat,
             )
             for group in queries.groups
         ]

@@ -116,15 +116,24 @@ class GoldenCase:
             return self.model(self.batch())
 
     def eval_output_pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return self._output_pairs("eval.f32.out.", self.eval_output)
+
+    def train_output_pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return self._output_pairs("train.f32.out.", self._train[0])
+
+    def _output_pairs(self, prefix: str, output: DetectorOutput):
         pairs = {}
-        prefix = "eval.f32.out."
+        names = {group.name for group in output.groups}
         for name, recorded in self.tensors.items():
             if not name.startswith(prefix):
                 continue
             ref = official_output(name[len(prefix) :], self.num_layers)
             assert ref is not None, f"unmapped official output {name}"
-            group = self.eval_output.group(ref.group)
-            pairs[name] = (getattr(group, ref.field)[ref.layer], recorded)
+            if ref.group not in names:  # e.g. H-DETR's empty one-to-many outputs in eval mode
+                assert recorded.shape[1] == 0, f"{name}: detrkit has no '{ref.group}' group"
+                continue
+            group = output.group(ref.group)
+            pairs[name] = (getattr(group, ref.field)[ref.layer].detach(), recorded)
         return pairs
 
     def postprocess_pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -167,4 +176,14 @@ class GoldenCase:
         costs = assigner.costs(group.logits[where[1]], group.boxes[where[1]], targets)
         matches = assigner.solve(costs.cpu(), targets)
         per_image = costs.split([len(t) for t in targets], dim=-1)
-        return [(src, tgt, per_image[i][i]) for i, (src, tgt) in enumerate(matches)]
+        # Repeated targets are interchangeable copies: compare target identities, not indices.
+        identity = call.get("target_identity") or [list(range(len(t))) for t in targets]
+        return [
+            (
+                src,
+                torch.tensor(identity[i])[tgt] if len(tgt) else tgt,
+                per_image[i][i],
+                torch.tensor(identity[i]),
+            )
+            for i, (src, tgt) in enumerate(matches)
+        ]

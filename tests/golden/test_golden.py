@@ -56,6 +56,11 @@ def test_eval_outputs(case: GoldenCase):
     assert compared > 0
 
 
+def test_train_outputs(case: GoldenCase):
+    for name, (ours, theirs) in case.train_output_pairs().items():
+        torch.testing.assert_close(ours, theirs, **OUTPUT_TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_postprocess(case: GoldenCase):
     pairs = case.postprocess_pairs()
     assert pairs
@@ -89,10 +94,12 @@ def test_matcher_calls(case: GoldenCase):
         result = case.match(call)
         if result is None:
             continue
-        for image, (src, tgt, cost) in enumerate(result):
+        for image, (src, tgt, cost, identity) in enumerate(result):
             prefix = f"train.f32.match.{call['tensors'].split('.')[-1]}.{image}"
             torch.testing.assert_close(cost, case.tensors[f"{prefix}.cost"], **OUTPUT_TOL)
             assert torch.equal(src, case.tensors[f"{prefix}.src"]), f"{prefix}.src"
-            assert torch.equal(tgt, case.tensors[f"{prefix}.tgt"]), f"{prefix}.tgt"
+            recorded_tgt = case.tensors[f"{prefix}.tgt"]
+            recorded_identity = identity[recorded_tgt] if len(recorded_tgt) else recorded_tgt
+            assert torch.equal(tgt, recorded_identity), f"{prefix}.tgt"
             checked += 1
     assert checked > 0, json.dumps(calls)[:200]
