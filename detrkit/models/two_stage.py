@@ -106,6 +106,11 @@ class TwoStageQuerySelector(nn.Module):
         logits = self.class_embed(hidden)
         coords_logit = self.bbox_embed(hidden) + proposal_logits
         total = num_queries + num_extra
+        if total > logits.shape[1]:
+            raise ValueError(
+                f"two-stage selection needs {total} proposals but the images give only "
+                f"{logits.shape[1]} encoder tokens; use larger images or fewer queries"
+            )
         top = torch.topk(logits[..., 0], total, dim=1)[1]
         # The selected boxes become fixed starting references: no gradient through the ranking.
         chosen = torch.gather(coords_logit, 1, top[..., None].expand(-1, -1, 4)).detach()
