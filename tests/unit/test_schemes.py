@@ -71,7 +71,8 @@ def test_one_to_many_queries_do_not_change_main_outputs():
     with torch.no_grad():
         first = model(images, _targets()).group("main")
     with torch.no_grad():
-        model.queries.query_embed.weight[6:] += torch.randn_like(model.queries.query_embed.weight[6:])
+        table = model.queries.query_embed.weight
+        table[6:] += torch.randn_like(table[6:])
         second = model(images, _targets())
     torch.testing.assert_close(second.group("main").boxes, first.boxes, atol=0, rtol=0)
     torch.testing.assert_close(second.group("main").logits, first.logits, atol=0, rtol=0)
