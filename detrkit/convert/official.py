@@ -13,6 +13,7 @@ from detrkit.config.build import build_model
 from detrkit.config.validate import config_to_dict
 from detrkit.convert.rules import ConversionResult, convert_state_dict
 from detrkit.convert.sources import SourceFormat
+from detrkit.data.coco_names import coco_label_names
 from detrkit.data.labels import LabelMap
 from detrkit.engine.checkpoint import FORMAT_VERSION, save_checkpoint
 from detrkit.errors import UserError
@@ -69,7 +70,9 @@ def convert_official(
         raise UserError(
             f"converted weights do not fit the model built from {path}'s args: {str(error)[:800]}"
         ) from error
-    label_map = LabelMap.identity(config.model.num_classes)
+    # The originals predict raw COCO category ids: label i is category id i.
+    classes = config.model.num_classes
+    label_map = LabelMap(tuple(range(classes)), coco_label_names(classes))
     meta = {
         "format_version": FORMAT_VERSION,
         "config": config_to_dict(config),

@@ -50,6 +50,7 @@ def test_cli_convert_of_official_checkpoint_reproduces_golden_outputs(tmp_path, 
     assert main(["convert", "--from", case.source.name, str(official), "--out", str(out)]) == 0
     loaded = load_model(out)
     assert loaded.label_map.num_classes == 91
+    assert loaded.label_map.names[18] == "dog" and loaded.label_map.to_category(18) == 18
     with torch.no_grad():
         output = loaded.model(case.batch())
     torch.testing.assert_close(

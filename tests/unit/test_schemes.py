@@ -11,12 +11,22 @@ from detrkit.config.load import load_config
 from detrkit.schemes.hybrid import isolate
 from detrkit.structures import ImageBatch, Target
 
-TINY = ["model.hidden_dim=32", "model.num_heads=2", "model.num_queries=6",
-        "model.encoder.num_layers=1", "model.decoder.num_layers=2",
-        "model.backbone.name=resnet18", "model.num_feature_levels=2",
-        "model.encoder.dropout=0.0", "model.decoder.dropout=0.0"]
-HYBRID = ["model.schemes.hybrid.num_queries=9", "model.schemes.hybrid.repeat_k=3",
-          "model.schemes.hybrid.loss_weight=0.5"]
+TINY = [
+    "model.hidden_dim=32",
+    "model.num_heads=2",
+    "model.num_queries=6",
+    "model.encoder.num_layers=1",
+    "model.decoder.num_layers=2",
+    "model.backbone.name=resnet18",
+    "model.num_feature_levels=2",
+    "model.encoder.dropout=0.0",
+    "model.decoder.dropout=0.0",
+]
+HYBRID = [
+    "model.schemes.hybrid.num_queries=9",
+    "model.schemes.hybrid.repeat_k=3",
+    "model.schemes.hybrid.loss_weight=0.5",
+]
 BASES = ["deformable_detr_r50_refine", "deformable_detr_r50_tricks_12ep", "detr_r50"]
 
 
@@ -27,9 +37,10 @@ def _images():
 
 
 def _targets():
-    return [Target(torch.tensor([0, 2]), torch.tensor([[0.3, 0.3, 0.2, 0.2],
-                                                        [0.6, 0.6, 0.3, 0.4]])),
-            Target(torch.tensor([1]), torch.tensor([[0.5, 0.5, 0.4, 0.4]]))]
+    return [
+        Target(torch.tensor([0, 2]), torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.4]])),
+        Target(torch.tensor([1]), torch.tensor([[0.5, 0.5, 0.4, 0.4]])),
+    ]
 
 
 @pytest.mark.parametrize("base", BASES)
