@@ -39,7 +39,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from detrkit.cli import convert, data, demo, evaluate, predict, train
 
-    parser = argparse.ArgumentParser(prog="detrkit", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="detrkit", description="Train, evaluate, run and convert DETR-family detectors."
+    )
     parser.add_argument("--version", action="version", version=f"detrkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -38,7 +38,10 @@ def _case(name: str = "detr_r18") -> GoldenCase:
     return GoldenCase.load(path)
 
 
-@pytest.mark.parametrize("name", ["detr_r18", "deformable_detr_r18_ms_refine_twostage"])
+@pytest.mark.parametrize(
+    "name",
+    ["detr_r18", "deformable_detr_r18_ms_refine_twostage", "hdetr_r18_ms_refine_twostage_mqs_lft"],
+)
 def test_cli_convert_of_official_checkpoint_reproduces_golden_outputs(tmp_path, name):
     case = _case(name)
     official = tmp_path / "official.pth"
