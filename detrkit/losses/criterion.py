@@ -74,21 +74,30 @@ class SetCriterion(nn.Module):
         return self.reduce_num_boxes(count).clamp(min=1).item()
 
     def match(self, output: DetectorOutput, targets: list[Target]) -> dict[tuple[str, int], list]:
-        """(group name, layer) -> per-image matches, all solved with one host transfer."""
-        keys, requests = [], []
+        """(group name, layer) -> per-image matches.
+
+        The supervised layers of a group are costed as one batch of L x B images, and every
+        group's costs reach the host in a single transfer.
+        """
+        spans, requests = [], []
         for group in output.groups:
             group_targets = self.group_targets(group, targets)
-            for layer in self.supervised_layers(group):
-                keys.append((group.name, layer))
-                requests.append(
-                    AssignRequest(
-                        self.assigners[group.assigner],
-                        group.logits[layer],
-                        group.boxes[layer],
-                        group_targets,
-                    )
+            layers = self.supervised_layers(group)
+            chosen = slice(layers.start, layers.stop)
+            spans.append((group.name, layers, len(group_targets)))
+            requests.append(
+                AssignRequest(
+                    self.assigners[group.assigner],
+                    group.logits[chosen].flatten(0, 1),
+                    group.boxes[chosen].flatten(0, 1),
+                    list(group_targets) * len(layers),
                 )
-        return dict(zip(keys, assign_all(requests)))
+            )
+        matches = {}
+        for (name, layers, batch), result in zip(spans, assign_all(requests)):
+            for index, layer in enumerate(layers):
+                matches[(name, layer)] = result[index * batch : (index + 1) * batch]
+        return matches
 
     def forward(self, output: DetectorOutput, targets: list[Target]) -> LossOutput:
         """Losses of every group and layer, computed in fp32."""

@@ -37,7 +37,7 @@ class HungarianAssigner:
 
     @torch.no_grad()
     def costs(self, logits: Tensor, boxes: Tensor, targets: Sequence[Target]) -> Tensor:
-        """Cost of every query against every target of the batch.
+        """Cost of every query of each image against that image's targets.
 
         Args:
             logits: [B, Q, C] class logits.
@@ -45,29 +45,40 @@ class HungarianAssigner:
             targets: B targets.
 
         Returns:
-            [B, Q, G] with G the total number of targets in the batch (images concatenated).
+            [B, Q, G_max]; columns beyond an image's own target count are padding.
         """
-        batch, num_queries = logits.shape[:2]
-        flat_logits, flat_boxes = logits.flatten(0, 1).float(), boxes.flatten(0, 1).float()
-        labels = torch.cat([t.labels for t in targets])
-        target_boxes = torch.cat([t.boxes for t in targets]).float()
-        if labels.numel() == 0:
-            return flat_logits.new_zeros(batch, num_queries, 0)
-        cost = (
-            self.cost_bbox * l1_cost(flat_boxes, target_boxes)
-            + self.cost_class * self.class_cost(flat_logits, labels)
-            + self.cost_giou * giou_cost(flat_boxes, target_boxes)
+        labels, target_boxes = padded_targets(targets, logits.device)
+        if labels.shape[1] == 0:
+            return logits.new_zeros(*logits.shape[:2], 0, dtype=torch.float32)
+        logits, boxes = logits.float(), boxes.float()
+        return (
+            self.cost_bbox * l1_cost(boxes, target_boxes)
+            + self.cost_class * self.class_cost(logits, labels)
+            + self.cost_giou * giou_cost(boxes, target_boxes)
         )
-        return cost.view(batch, num_queries, -1)
 
     def solve(self, costs: Tensor, targets: Sequence[Target]) -> list[Match]:
         """Host costs from ``costs`` -> per image (query indices ascending, target indices)."""
-        sizes = [len(t) for t in targets]
         matches = []
-        for image, cost in enumerate(costs.split(sizes, dim=-1)):
-            rows, cols = linear_sum_assignment(cost[image].numpy())
+        for image, target in enumerate(targets):
+            rows, cols = linear_sum_assignment(costs[image, :, : len(target)].numpy())
             matches.append((_as_index(rows), _as_index(cols)))
         return matches
+
+
+# Padding target boxes: any valid box keeps the GIoU finite; padded columns are never solved.
+_PAD_BOX = (0.5, 0.5, 1.0, 1.0)
+
+
+def padded_targets(targets: Sequence[Target], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Labels [B, G_max] int64 and boxes [B, G_max, 4] cxcywh float32, padded per image."""
+    count = max((len(t) for t in targets), default=0)
+    labels = torch.zeros(len(targets), count, dtype=torch.int64, device=device)
+    boxes = torch.tensor(_PAD_BOX, device=device).repeat(len(targets), count, 1)
+    for image, target in enumerate(targets):
+        labels[image, : len(target)] = target.labels
+        boxes[image, : len(target)] = target.boxes.float()
+    return labels, boxes
 
 
 def _as_index(array: np.ndarray) -> Tensor:

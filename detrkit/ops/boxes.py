@@ -17,6 +17,7 @@ __all__ = [
     "box_iou",
     "generalized_box_iou",
     "paired_generalized_box_iou",
+    "batched_generalized_box_iou",
     "inverse_sigmoid",
 ]
 
@@ -52,6 +53,23 @@ def paired_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     hull_wh = torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])
     hull = hull_wh[:, 0] * hull_wh[:, 1]
     return iou - (hull - union) / hull
+
+
+def batched_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """GIoU of every pair in each batch element: [..., N, 4], [..., M, 4] xyxy -> [..., N, M].
+
+    torchvision's ``generalized_box_iou`` has no batch dimension; matching needs one so that
+    each image's queries are compared with that image's targets only.
+    """
+    a, b = boxes1[..., :, None, :], boxes2[..., None, :, :]
+    area1 = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area2 = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    inter_wh = (torch.min(a[..., 2:], b[..., 2:]) - torch.max(a[..., :2], b[..., :2])).clamp(min=0)
+    inter = inter_wh[..., 0] * inter_wh[..., 1]
+    union = area1 + area2 - inter
+    hull_wh = (torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).clamp(min=0)
+    hull = hull_wh[..., 0] * hull_wh[..., 1]
+    return inter / union - (hull - union) / hull
 
 
 def inverse_sigmoid(x: Tensor, eps: float = INVERSE_SIGMOID_EPS) -> Tensor:

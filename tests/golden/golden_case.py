@@ -175,14 +175,14 @@ class GoldenCase:
         targets = criterion.group_targets(group, self.targets())
         costs = assigner.costs(group.logits[where[1]], group.boxes[where[1]], targets)
         matches = assigner.solve(costs.cpu(), targets)
-        per_image = costs.split([len(t) for t in targets], dim=-1)
+        per_image = [costs[i, :, : len(t)] for i, t in enumerate(targets)]
         # Repeated targets are interchangeable copies: compare target identities, not indices.
         identity = call.get("target_identity") or [list(range(len(t))) for t in targets]
         return [
             (
                 src,
                 torch.tensor(identity[i])[tgt] if len(tgt) else tgt,
-                per_image[i][i],
+                per_image[i],
                 torch.tensor(identity[i]),
             )
             for i, (src, tgt) in enumerate(matches)
