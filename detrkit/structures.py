@@ -181,6 +181,8 @@ class PredictionGroup:
         class_agnostic: match and supervise with every label set to 0 (two-stage proposals).
         targets: per-image targets replacing the batch targets, or None.
         target_repeat: supervise against the targets repeated this many times.
+        anchors: [L, B, Qg, 4] cxcywh boxes the predictions started from (two-stage proposals),
+            or None; some schemes match on them.
     """
 
     name: str
@@ -192,6 +194,7 @@ class PredictionGroup:
     class_agnostic: bool = False
     targets: list[Target] | None = None
     target_repeat: int = 1
+    anchors: Tensor | None = None
 
     @property
     def num_layers(self) -> int:

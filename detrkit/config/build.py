@@ -17,6 +17,7 @@ from detrkit.losses.criterion import SetCriterion
 from detrkit.losses.terms import GIoUTerm, L1Term, SigmoidFocalTerm, SoftmaxCrossEntropyTerm
 from detrkit.matching.costs import FocalClassCost, SoftmaxClassCost
 from detrkit.matching.hungarian import HungarianAssigner
+from detrkit.matching.one_to_many import TopKQualityAssigner
 from detrkit.models.backbone import ResNetBackbone
 from detrkit.models.decoder import Decoder, DecoderLayer
 from detrkit.models.deformable_encoder import DeformableEncoder, DeformableEncoderLayer
@@ -30,6 +31,7 @@ from detrkit.models.refine import BoxRefiner
 from detrkit.models.two_stage import TwoStageQuerySelector
 from detrkit.schemes.base import TrainingScheme
 from detrkit.schemes.hybrid import HybridMatching
+from detrkit.schemes.mixed import MixedSupervision
 
 
 def resolved_num_classes(cfg: ModelConfig, num_classes: int | None = None) -> int:
@@ -105,6 +107,8 @@ def build_decoder(cfg: ModelConfig) -> Decoder:
             dim=dim,
             dropout=dec.dropout,
             pre_norm=dec.pre_norm,
+            order=dec.order,
+            taps=decoder_taps(cfg),
         )
         for _ in range(dec.num_layers)
     ]
@@ -177,10 +181,22 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> QueryDetect
 def build_schemes(cfg: ModelConfig) -> list[TrainingScheme]:
     """The enabled training schemes, in a fixed order (their query slots follow the main ones)."""
     schemes: list[TrainingScheme] = []
-    hybrid = cfg.schemes.hybrid
+    hybrid, mixed = cfg.schemes.hybrid, cfg.schemes.mixed
     if hybrid is not None:
         schemes.append(HybridMatching(hybrid.num_queries, hybrid.repeat_k, hybrid.loss_weight))
+    if mixed is not None:
+        dec = cfg.decoder
+        schemes.append(
+            MixedSupervision(
+                cfg.hidden_dim, dec.ffn_dim, dec.num_layers, dec.dropout, aux_ffn=mixed.aux_ffn
+            )
+        )
     return schemes
+
+
+def decoder_taps(cfg: ModelConfig) -> tuple[str, ...]:
+    """Decoder operations whose output the schemes read."""
+    return ("cross_attn",) if cfg.schemes.mixed is not None else ()
 
 
 def validate_model_config(cfg: ModelConfig) -> None:
@@ -204,6 +220,12 @@ def validate_model_config(cfg: ModelConfig) -> None:
         raise UserError(
             "two-stage queries need box refinement (the encoder proposal head is the "
             "last of the per-layer heads): set model.box_refine=iterative"
+        )
+    if cfg.schemes.mixed is not None and cfg.decoder.order[0] != "cross_attn":
+        raise UserError(
+            "model.schemes.mixed (MS-DETR) supervises the state right after "
+            "cross-attention, which must come first: set "
+            "model.decoder.order=[cross_attn,self_attn,ffn]"
         )
     if cfg.num_feature_levels < 1:
         raise UserError("model.num_feature_levels must be at least 1")
@@ -229,12 +251,35 @@ def build_criterion(
         cost_bbox=matcher.cost_bbox,
         cost_giou=matcher.cost_giou,
     )
+    anchor_matching = loss.encoder_matching == "anchors"
+    # MS-DETR matches proposals to boxes by their anchors alone: no class cost (spec C4.4).
+    anchor_hungarian = HungarianAssigner(
+        class_cost, cost_class=0.0, cost_bbox=matcher.cost_bbox, cost_giou=matcher.cost_giou
+    )
+    assigners = {"hungarian": hungarian, "hungarian_anchor": anchor_hungarian}
+    term_weights = {"cls": loss.class_weight, "l1": loss.bbox_weight, "giou": loss.giou_weight}
+    group_weights = {}
+    if loss.encoder_class_weight is not None:
+        group_weights["enc"] = dict(term_weights, cls=loss.encoder_class_weight)
+    mixed = cfg.schemes.mixed
+    if mixed is not None:
+        assigners["topk_quality"] = TopKQualityAssigner(
+            mixed.k, mixed.threshold, mixed.positive_fraction, mixed.box_quality
+        )
+        group_weights["ms_o2m"] = {
+            "cls": mixed.class_weight,
+            "l1": mixed.bbox_weight,
+            "giou": mixed.giou_weight,
+        }
     return SetCriterion(
-        assigners={"hungarian": hungarian},
+        assigners=assigners,
         terms={"cls": class_term, "l1": L1Term(), "giou": GIoUTerm()},
-        term_weights={"cls": loss.class_weight, "l1": loss.bbox_weight, "giou": loss.giou_weight},
+        term_weights=term_weights,
         aux_loss=loss.aux_loss,
         reduce_num_boxes=reduce_num_boxes,
+        group_term_weights=group_weights,
+        group_assigners={"enc": "hungarian_anchor"} if anchor_matching else {},
+        anchor_matched=("enc",) if anchor_matching else (),
     )
 
 

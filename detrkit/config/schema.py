@@ -69,6 +69,8 @@ class TransformerConfig:
             "ms_deform" = multi-scale deformable attention (Deformable DETR).
         num_points: sampling points per head and level of deformable attention
             (``--enc_n_points`` / ``--dec_n_points``).
+        order: decoder only: the order of its residual operations (MS-DETR puts
+            ``cross_attn`` first).
     """
 
     num_layers: int = 6
@@ -78,6 +80,7 @@ class TransformerConfig:
     activation: Literal["relu", "gelu"] = "relu"
     attention: Literal["global", "ms_deform"] = "global"
     num_points: int = 4
+    order: tuple[str, ...] = ("self_attn", "cross_attn", "ffn")
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,10 @@ class LossConfig:
             (DETR); "sigmoid_focal" = focal loss over C sigmoid logits (Deformable family).
         eos_coef: weight of the no-object class in the cross-entropy (``--eos_coef``).
         aux_loss: supervise every decoder layer, not only the last (``--aux_loss``).
+        encoder_class_weight: class-loss weight of the two-stage encoder proposals (None: the
+            same as ``class_weight``; MS-DETR's ``--enc_cls_loss_coef``).
+        encoder_matching: match encoder proposals by their predicted boxes (Deformable DETR) or
+            by their anchors with no class cost (MS-DETR).
     """
 
     class_loss: Literal["softmax_ce", "sigmoid_focal"] = "softmax_ce"
@@ -124,6 +131,8 @@ class LossConfig:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     aux_loss: bool = True
+    encoder_class_weight: float | None = None
+    encoder_matching: Literal["predictions", "anchors"] = "predictions"
 
 
 @dataclass(frozen=True)
@@ -142,10 +151,35 @@ class HybridConfig:
 
 
 @dataclass(frozen=True)
+class MixedConfig:
+    """MS-DETR mixed supervision (spec C4): one-to-many supervision of the primary queries.
+
+    Attributes:
+        aux_ffn: a second FFN per decoder layer on the tapped hidden state (``--use_aux_ffn``).
+        k: queries kept per ground-truth box (``--o2m_matcher_k``, not wired in the original).
+        threshold: quality threshold of a positive (``--o2m_matcher_threshold``, likewise).
+        positive_fraction: positives are subsampled to this fraction of the queries.
+        box_quality: weight of IoU in the quality 0.7 IoU + 0.3 score.
+        class_weight, bbox_weight, giou_weight: the group's loss weights
+            (``--o2m_cls_loss_coef`` / ``--o2m_bbox_loss_coef`` / ``--o2m_giou_loss_coef``).
+    """
+
+    aux_ffn: bool = True
+    k: int = 6
+    threshold: float = 0.4
+    positive_fraction: float = 0.25
+    box_quality: float = 0.7
+    class_weight: float = 2.0
+    bbox_weight: float = 5.0
+    giou_weight: float = 2.0
+
+
+@dataclass(frozen=True)
 class SchemesConfig:
     """Training-only supervision schemes; a section left null is off."""
 
     hybrid: HybridConfig | None = None
+    mixed: MixedConfig | None = None
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,11 @@ def _group_of(suffixed: bool) -> str:
 def official_output(path: str, num_layers: int) -> OutputRef | None:
     """``pred_logits`` / ``aux_outputs.{i}.pred_boxes`` / ``enc_outputs.pred_logits`` /
     ``aux_outputs_one2many.{i}.pred_logits`` ... -> OutputRef; None when not mapped."""
+    if path == "enc_outputs.anchors":
+        return OutputRef("enc", 0, "anchors")
+    if path.startswith("o2m_outputs."):  # MS-DETR's one-to-many predictions
+        inner = official_output(path[len("o2m_outputs.") :], num_layers)
+        return None if inner is None else OutputRef("ms_o2m", inner.layer, inner.field)
     match = re.fullmatch(
         r"(?:aux_outputs(_one2many)?\.(\d+)\.|(enc_outputs)\.)?(pred_logits|pred_boxes)(_one2many)?",
         path,
@@ -52,14 +57,15 @@ def official_output(path: str, num_layers: int) -> OutputRef | None:
 def official_loss(name: str, num_layers: int) -> str | None:
     """``loss_ce`` / ``loss_giou_2`` / ``loss_bbox_enc`` / ``loss_ce_0_one2many`` -> detrkit
     names (``main/cls/d{L-1}``, ``main/giou/d2``, ``enc/l1/d0``, ``o2m/cls/d0``); else None."""
-    match = re.fullmatch(r"(loss_ce|loss_bbox|loss_giou)(?:_(\d+|enc))?(_one2many)?", name)
+    match = re.fullmatch(r"(loss_ce|loss_bbox|loss_giou)(?:_(\d+|enc))?(_one2many|_o2m)?", name)
     if not match:
         return None
     term = _TERMS[match.group(1)]
     if match.group(2) == "enc":
         return f"enc/{term}/d0"
     layer = int(match.group(2)) if match.group(2) is not None else num_layers - 1
-    return f"{_group_of(bool(match.group(3)))}/{term}/d{layer}"
+    group = {None: "main", "_one2many": "o2m", "_o2m": "ms_o2m"}[match.group(3)]
+    return f"{group}/{term}/d{layer}"
 
 
 def official_match_path(path: str, num_layers: int) -> tuple[str, int] | None:
@@ -71,5 +77,10 @@ def official_match_path(path: str, num_layers: int) -> tuple[str, int] | None:
         return "enc", 0
     if path == "pred_logits_one2many":
         return "o2m", num_layers - 1
+    if path == "o2m_outputs":
+        return "ms_o2m", num_layers - 1
+    if path.startswith("o2m_outputs."):
+        inner = official_match_path(path[len("o2m_outputs.") :], num_layers)
+        return None if inner is None else ("ms_o2m", inner[1])
     match = re.fullmatch(r"aux_outputs(_one2many)?\.(\d+)", path)
     return (_group_of(bool(match.group(1))), int(match.group(2))) if match else None

@@ -21,6 +21,7 @@ from detrkit.config.schema import (
 )
 from detrkit.convert.deformable_detr import DEFORMABLE_SPLITS, deformable_config, deformable_rules
 from detrkit.convert.hdetr import hdetr_config
+from detrkit.convert.msdetr import msdetr_config, msdetr_rules
 from detrkit.convert.rules import RenameRule, SplitRule
 from detrkit.errors import UserError
 
@@ -175,6 +176,7 @@ SOURCES: dict[str, SourceFormat] = {
         DEFORMABLE_SPLITS,
         deformable_config,
     ),
+    "msdetr": SourceFormat("msdetr", ("MS-DETR",), msdetr_rules, DEFORMABLE_SPLITS, msdetr_config),
     "hdetr": SourceFormat(
         "hdetr", ("H-Deformable-DETR",), deformable_rules, DEFORMABLE_SPLITS, hdetr_config
     ),

@@ -41,6 +41,10 @@ class SetCriterion(nn.Module):
         reduce_num_boxes: maps the local box count (a tensor) to the value used for normalising,
             e.g. the mean over distributed ranks; injected so the criterion never sees
             ``torch.distributed``.
+        group_term_weights: group name -> term weights replacing ``term_weights`` for that group
+            (MS-DETR weighs its one-to-many and encoder classification differently).
+        group_assigners: group name -> assigner name replacing the group's own choice.
+        anchor_matched: groups matched by their ``anchors`` instead of their predicted boxes.
     """
 
     def __init__(
@@ -51,6 +55,9 @@ class SetCriterion(nn.Module):
         term_weights: Mapping[str, float],
         aux_loss: bool = True,
         reduce_num_boxes: Callable[[Tensor], Tensor] = lambda n: n,
+        group_term_weights: Mapping[str, Mapping[str, float]] | None = None,
+        group_assigners: Mapping[str, str] | None = None,
+        anchor_matched: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.assigners = dict(assigners)
@@ -58,6 +65,18 @@ class SetCriterion(nn.Module):
         self.term_weights = dict(term_weights)
         self.aux_loss = aux_loss
         self.reduce_num_boxes = reduce_num_boxes
+        self.group_term_weights = {k: dict(v) for k, v in (group_term_weights or {}).items()}
+        self.group_assigners = dict(group_assigners or {})
+        self.anchor_matched = tuple(anchor_matched)
+
+    def assigner_of(self, group: PredictionGroup):
+        return self.assigners[self.group_assigners.get(group.name, group.assigner)]
+
+    def match_boxes(self, group: PredictionGroup) -> Tensor:
+        """What the assigner compares with the targets: predicted boxes, or anchors."""
+        if group.name in self.anchor_matched and group.anchors is not None:
+            return group.anchors
+        return group.boxes
 
     def supervised_layers(self, group: PredictionGroup) -> range:
         last = group.num_layers - 1
@@ -87,9 +106,9 @@ class SetCriterion(nn.Module):
             spans.append((group.name, layers, len(group_targets)))
             requests.append(
                 AssignRequest(
-                    self.assigners[group.assigner],
+                    self.assigner_of(group),
                     group.logits[chosen].flatten(0, 1),
-                    group.boxes[chosen].flatten(0, 1),
+                    self.match_boxes(group)[chosen].flatten(0, 1),
                     list(group_targets) * len(layers),
                 )
             )
@@ -115,7 +134,8 @@ class SetCriterion(nn.Module):
                     terms[name] = term(
                         logits, boxes, group_targets, matches[(group.name, layer)], num_boxes
                     )
-                    weights[name] = group.loss_weight * self.term_weights[term_name]
+                    term_weights = self.group_term_weights.get(group.name, self.term_weights)
+                    weights[name] = group.loss_weight * term_weights[term_name]
         for name, value in output.extra_losses.items():
             terms[name], weights[name] = value.float(), 1.0
         total = sum(weights[name] * value for name, value in terms.items())

@@ -57,6 +57,10 @@ class HungarianAssigner:
             + self.cost_giou * giou_cost(boxes, target_boxes)
         )
 
+    def image_costs(self, costs: Tensor, targets: Sequence[Target]) -> list[Tensor]:
+        """Per image [Q, G_i] cost matrices (for inspection and tests)."""
+        return [costs[i, :, : len(t)] for i, t in enumerate(targets)]
+
     def solve(self, costs: Tensor, targets: Sequence[Target]) -> list[Match]:
         """Host costs from ``costs`` -> per image (query indices ascending, target indices)."""
         matches = []

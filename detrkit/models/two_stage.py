@@ -121,6 +121,10 @@ class TwoStageQuerySelector(nn.Module):
         main = QueryGroup(MAIN_GROUP, 0, num_queries, at_inference=True)
         queries = QuerySet(content=content, pos=pos, reference=chosen.sigmoid(), groups=(main,))
         encoder_group = PredictionGroup(
-            ENCODER_GROUP, logits[None], coords_logit.sigmoid()[None], class_agnostic=True
+            ENCODER_GROUP,
+            logits[None],
+            coords_logit.sigmoid()[None],
+            class_agnostic=True,
+            anchors=proposal_logits.sigmoid()[None],
         )
         return queries, [encoder_group]
