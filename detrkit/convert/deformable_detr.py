@@ -106,8 +106,11 @@ def deformable_model_config(args: Mapping[str, Any], **changes) -> ModelConfig:
         num_heads=args["nheads"],
         num_queries=args["num_queries"],
         num_feature_levels=args["num_feature_levels"],
-        box_refine="iterative" if args["with_box_refine"] else "none",
-        queries=QueryConfig(kind="two_stage" if args["two_stage"] else "learned_with_reference"),
+        box_refine=_box_refine(args),
+        queries=QueryConfig(
+            kind="two_stage" if args["two_stage"] else "learned_with_reference",
+            mixed_selection=bool(args.get("mixed_selection")),
+        ),
         backbone=BackboneConfig(
             name=args["backbone"], dilation=args["dilation"], trainable=args["lr_backbone"] > 0
         ),
@@ -131,6 +134,13 @@ def deformable_model_config(args: Mapping[str, Any], **changes) -> ModelConfig:
     )
     fields.update(changes)
     return ModelConfig(**fields)
+
+
+def _box_refine(args: Mapping[str, Any]) -> str:
+    """``--with_box_refine`` and H-DETR's ``--look_forward_twice`` (forks that lack it: off)."""
+    if not args["with_box_refine"]:
+        return "none"
+    return "look_forward_twice" if args.get("look_forward_twice") else "iterative"
 
 
 def _position_kind(args: Mapping[str, Any]) -> str:

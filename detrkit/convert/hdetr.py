@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 from detrkit.config.schema import (
     DataConfig,
     ExperimentConfig,
     HybridConfig,
-    QueryConfig,
     SchemesConfig,
 )
 from detrkit.convert.deformable_detr import deformable_model_config, deformable_train_config
@@ -31,18 +29,8 @@ def hybrid_from_args(args: Mapping[str, Any]) -> HybridConfig | None:
 def hdetr_config(args: Mapping[str, Any]) -> ExperimentConfig:
     """The detrkit config equal to an official H-DETR run's ``args`` (spec C3.6)."""
     args = dict(args, num_queries=args.get("num_queries_one2one", args.get("num_queries")))
-    model = deformable_model_config(args, top_k=args.get("topk", 100))
-    refine = model.box_refine
-    if args.get("look_forward_twice") and refine != "none":
-        refine = "look_forward_twice"
-    queries = QueryConfig(
-        kind=model.queries.kind, mixed_selection=bool(args.get("mixed_selection"))
-    )
-    model = replace(
-        model,
-        box_refine=refine,
-        queries=queries,
-        schemes=SchemesConfig(hybrid=hybrid_from_args(args)),
+    model = deformable_model_config(
+        args, top_k=args.get("topk", 100), schemes=SchemesConfig(hybrid=hybrid_from_args(args))
     )
     return ExperimentConfig(
         model=model,

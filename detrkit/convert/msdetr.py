@@ -11,7 +11,6 @@ from detrkit.config.schema import (
     DataConfig,
     ExperimentConfig,
     MixedConfig,
-    QueryConfig,
     SchemesConfig,
 )
 from detrkit.convert.deformable_detr import (
@@ -50,9 +49,6 @@ def msdetr_config(args: Mapping[str, Any]) -> ExperimentConfig:
     """The detrkit config equal to an official MS-DETR (root) run's ``args`` (spec C4.8)."""
     model = deformable_model_config(args, top_k=args.get("topk_eval", 100))
     mixed = mixed_from_args(args)
-    refine = model.box_refine
-    if args.get("look_forward_twice") and refine != "none":
-        refine = "look_forward_twice"
     decoder = model.decoder
     if mixed is not None:
         decoder = replace(decoder, order=("cross_attn", "self_attn", "ffn"))
@@ -63,12 +59,8 @@ def msdetr_config(args: Mapping[str, Any]) -> ExperimentConfig:
     )
     model = replace(
         model,
-        box_refine=refine,
         decoder=decoder,
         loss=loss,
-        queries=QueryConfig(
-            kind=model.queries.kind, mixed_selection=bool(args.get("mixed_selection"))
-        ),
         schemes=SchemesConfig(mixed=mixed),
     )
     return ExperimentConfig(

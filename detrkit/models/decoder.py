@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from detrkit.layers.attention import SelfAttention
 from detrkit.layers.ffn import FFN
 from detrkit.models.refine import BoxRefiner
 from detrkit.structures import DecoderOutput, EncoderMemory, QuerySet
@@ -133,8 +132,3 @@ class Decoder(nn.Module):
             references=tuple(references) if references else None,
             taps={name: torch.stack(values) for name, values in tap_lists.items()},
         )
-
-
-def build_self_attention(dim: int, num_heads: int, dropout: float) -> SelfAttention:
-    """The decoder's self-attention (queries and keys carry the query positions)."""
-    return SelfAttention(dim, num_heads, dropout)
