@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 from torch import Tensor, nn
@@ -97,7 +98,8 @@ def build_cross_attention(cfg: ModelConfig) -> nn.Module:
     return CrossAttention(cfg.hidden_dim, cfg.num_heads, dec.dropout)
 
 
-def build_decoder(cfg: ModelConfig) -> Decoder:
+def build_decoder(cfg: ModelConfig, taps: tuple[str, ...] = ()) -> Decoder:
+    """The decoder; ``taps`` names the operations whose outputs the schemes read."""
     dec, dim = cfg.decoder, cfg.hidden_dim
     layers = [
         DecoderLayer(
@@ -108,7 +110,7 @@ def build_decoder(cfg: ModelConfig) -> Decoder:
             dropout=dec.dropout,
             pre_norm=dec.pre_norm,
             order=dec.order,
-            taps=decoder_taps(cfg),
+            taps=taps,
         )
         for _ in range(dec.num_layers)
     ]
@@ -164,39 +166,42 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> QueryDetect
         group_norm=deformable,
         num_extra_levels=cfg.num_feature_levels - len(stages),
     )
-    schemes = build_schemes(cfg)
-    num_extra = sum(scheme.extra_queries for scheme in schemes)
+    head = build_head(cfg, logits)
+    schemes = build_schemes(cfg, head)
+    num_extra = sum(scheme.extra_queries for scheme in schemes.values())
+    taps = tuple(dict.fromkeys(t for scheme in schemes.values() for t in scheme.tap_points))
     return QueryDetector(
         backbone=backbone,
         neck=neck,
         encoder=build_encoder(cfg),
         queries=build_queries(cfg, logits, num_extra),
-        decoder=build_decoder(cfg),
-        head=build_head(cfg, logits),
+        decoder=build_decoder(cfg, taps),
+        head=head,
         num_queries=cfg.num_queries,
         schemes=schemes,
     )
 
 
-def build_schemes(cfg: ModelConfig) -> list[TrainingScheme]:
-    """The enabled training schemes, in a fixed order (their query slots follow the main ones)."""
-    schemes: list[TrainingScheme] = []
+def build_schemes(cfg: ModelConfig, head: DetectionHead) -> dict[str, TrainingScheme]:
+    """The enabled training schemes by config section name, in a fixed order (their query slots
+    follow the inference ones in that order). ``head`` must already be initialised: schemes with
+    their own class heads start as copies of it."""
+    schemes: dict[str, TrainingScheme] = {}
     hybrid, mixed = cfg.schemes.hybrid, cfg.schemes.mixed
     if hybrid is not None:
-        schemes.append(HybridMatching(hybrid.num_queries, hybrid.repeat_k, hybrid.loss_weight))
+        schemes["hybrid"] = HybridMatching(hybrid.num_queries, hybrid.repeat_k, hybrid.loss_weight)
     if mixed is not None:
         dec = cfg.decoder
-        schemes.append(
-            MixedSupervision(
-                cfg.hidden_dim, dec.ffn_dim, dec.num_layers, dec.dropout, aux_ffn=mixed.aux_ffn
-            )
+        schemes["mixed"] = MixedSupervision(
+            cfg.hidden_dim,
+            dec.ffn_dim,
+            dec.num_layers,
+            dec.dropout,
+            predict_from=mixed.predict_from,
+            aux_ffn=mixed.aux_ffn,
+            class_heads=copy.deepcopy(head.class_embed) if mixed.separate_class_heads else None,
         )
     return schemes
-
-
-def decoder_taps(cfg: ModelConfig) -> tuple[str, ...]:
-    """Decoder operations whose output the schemes read."""
-    return ("cross_attn",) if cfg.schemes.mixed is not None else ()
 
 
 def validate_model_config(cfg: ModelConfig) -> None:
@@ -221,11 +226,19 @@ def validate_model_config(cfg: ModelConfig) -> None:
             "two-stage queries need box refinement (the encoder proposal head is the "
             "last of the per-layer heads): set model.box_refine=iterative"
         )
-    if cfg.schemes.mixed is not None and cfg.decoder.order[0] != "cross_attn":
+    mixed = cfg.schemes.mixed
+    if mixed is not None and mixed.predict_from == "cross_attn":
+        if cfg.decoder.order[0] != "cross_attn":
+            raise UserError(
+                "model.schemes.mixed.predict_from=cross_attn (MS-DETR) supervises the state "
+                "right after cross-attention, which must come first: set "
+                "model.decoder.order=[cross_attn,self_attn,ffn], or predict from the layer "
+                "outputs with model.schemes.mixed.predict_from=layer_output (implementation (a))"
+            )
+    if cfg.nms_iou_threshold is not None and cfg.loss.class_loss != "sigmoid_focal":
         raise UserError(
-            "model.schemes.mixed (MS-DETR) supervises the state right after "
-            "cross-attention, which must come first: set "
-            "model.decoder.order=[cross_attn,self_attn,ffn]"
+            "model.nms_iou_threshold applies to sigmoid heads (model.loss.class_loss="
+            "sigmoid_focal); DETR's softmax postprocessing keeps one box per query"
         )
     if cfg.num_feature_levels < 1:
         raise UserError("model.num_feature_levels must be at least 1")
@@ -259,12 +272,24 @@ def build_criterion(
     assigners = {"hungarian": hungarian, "hungarian_anchor": anchor_hungarian}
     term_weights = {"cls": loss.class_weight, "l1": loss.bbox_weight, "giou": loss.giou_weight}
     group_weights = {}
-    if loss.encoder_class_weight is not None:
-        group_weights["enc"] = dict(term_weights, cls=loss.encoder_class_weight)
+    encoder_weights = {
+        "cls": loss.encoder_class_weight,
+        "l1": loss.encoder_bbox_weight,
+        "giou": loss.encoder_giou_weight,
+    }
+    if any(value is not None for value in encoder_weights.values()):
+        group_weights["enc"] = {
+            term: term_weights[term] if value is None else value
+            for term, value in encoder_weights.items()
+        }
     mixed = cfg.schemes.mixed
     if mixed is not None:
         assigners["topk_quality"] = TopKQualityAssigner(
-            mixed.k, mixed.threshold, mixed.positive_fraction, mixed.box_quality
+            mixed.k,
+            mixed.threshold,
+            mixed.positive_fraction,
+            mixed.box_quality,
+            score="softmax" if loss.class_loss == "softmax_ce" else "sigmoid",
         )
         group_weights["ms_o2m"] = {
             "cls": mixed.class_weight,
@@ -280,6 +305,7 @@ def build_criterion(
         group_term_weights=group_weights,
         group_assigners={"enc": "hungarian_anchor"} if anchor_matching else {},
         anchor_matched=("enc",) if anchor_matching else (),
+        merged_matches={"ms_o2m": "main"} if mixed is not None and mixed.merge_one_to_one else {},
     )
 
 
@@ -287,4 +313,4 @@ def build_postprocess(cfg: ModelConfig) -> nn.Module:
     """Softmax heads keep every query (DETR); sigmoid heads take the top-k (query, class) pairs."""
     if cfg.loss.class_loss == "softmax_ce":
         return SoftmaxPostprocess()
-    return TopKSigmoidPostprocess(cfg.top_k or 100)
+    return TopKSigmoidPostprocess(cfg.top_k or 100, cfg.nms_iou_threshold)

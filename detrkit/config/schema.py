@@ -117,8 +117,9 @@ class LossConfig:
             (DETR); "sigmoid_focal" = focal loss over C sigmoid logits (Deformable family).
         eos_coef: weight of the no-object class in the cross-entropy (``--eos_coef``).
         aux_loss: supervise every decoder layer, not only the last (``--aux_loss``).
-        encoder_class_weight: class-loss weight of the two-stage encoder proposals (None: the
-            same as ``class_weight``; MS-DETR's ``--enc_cls_loss_coef``).
+        encoder_class_weight, encoder_bbox_weight, encoder_giou_weight: loss weights of the
+            two-stage encoder proposals (None: the same as the decoder's; MS-DETR's
+            ``--enc_cls_loss_coef`` / ``--enc_bbox_loss_coef`` / ``--enc_giou_loss_coef``).
         encoder_matching: match encoder proposals by their predicted boxes (Deformable DETR) or
             by their anchors with no class cost (MS-DETR).
     """
@@ -132,6 +133,8 @@ class LossConfig:
     focal_gamma: float = 2.0
     aux_loss: bool = True
     encoder_class_weight: float | None = None
+    encoder_bbox_weight: float | None = None
+    encoder_giou_weight: float | None = None
     encoder_matching: Literal["predictions", "anchors"] = "predictions"
 
 
@@ -155,7 +158,15 @@ class MixedConfig:
     """MS-DETR mixed supervision (spec C4): one-to-many supervision of the primary queries.
 
     Attributes:
+        predict_from: where the one-to-many predictions read the decoder: "cross_attn" = each
+            layer's state right after cross-attention (the root implementation, needs
+            ``model.decoder.order`` to start with cross_attn) or "layer_output" = the same
+            hidden states as the one-to-one predictions (implementation (a)).
+        separate_class_heads: the one-to-many predictions get their own class heads, copied from
+            the detection head after initialisation (implementation (a)); box heads are shared.
         aux_ffn: a second FFN per decoder layer on the tapped hidden state (``--use_aux_ffn``).
+        merge_one_to_one: add each layer's one-to-one Hungarian pairs to its one-to-many pairs
+            (``--use_indices_merge``, parsed but never wired in the original: off).
         k: queries kept per ground-truth box (``--o2m_matcher_k``, not wired in the original).
         threshold: quality threshold of a positive (``--o2m_matcher_threshold``, likewise).
         positive_fraction: positives are subsampled to this fraction of the queries.
@@ -164,7 +175,10 @@ class MixedConfig:
             (``--o2m_cls_loss_coef`` / ``--o2m_bbox_loss_coef`` / ``--o2m_giou_loss_coef``).
     """
 
+    predict_from: Literal["cross_attn", "layer_output"] = "cross_attn"
+    separate_class_heads: bool = False
     aux_ffn: bool = True
+    merge_one_to_one: bool = False
     k: int = 6
     threshold: float = 0.4
     positive_fraction: float = 0.25
@@ -197,6 +211,9 @@ class ModelConfig:
             (``--with_box_refine``) or "look_forward_twice" (``--look_forward_twice``, H-DETR).
         top_k: detections kept per image by the postprocessor; None keeps every query (DETR) or
             100 (sigmoid heads).
+        nms_iou_threshold: sigmoid heads only: class-wise NMS at this IoU over the best 10 000
+            (query, class) pairs before keeping ``top_k`` (MS-DETR's ``--nms_iou_threshold``);
+            None = no NMS.
     """
 
     num_classes: int | None = None
@@ -213,6 +230,7 @@ class ModelConfig:
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     top_k: int | None = None
+    nms_iou_threshold: float | None = None
     schemes: SchemesConfig = field(default_factory=SchemesConfig)
 
 

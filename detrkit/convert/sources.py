@@ -21,7 +21,7 @@ from detrkit.config.schema import (
 )
 from detrkit.convert.deformable_detr import DEFORMABLE_SPLITS, deformable_config, deformable_rules
 from detrkit.convert.hdetr import hdetr_config
-from detrkit.convert.msdetr import msdetr_config, msdetr_rules
+from detrkit.convert.msdetr import impl_a_config, impl_a_rules, msdetr_config, msdetr_rules
 from detrkit.convert.rules import RenameRule, SplitRule
 from detrkit.errors import UserError
 
@@ -177,6 +177,9 @@ SOURCES: dict[str, SourceFormat] = {
         deformable_config,
     ),
     "msdetr": SourceFormat("msdetr", ("MS-DETR",), msdetr_rules, DEFORMABLE_SPLITS, msdetr_config),
+    "msdetr_impl_a": SourceFormat(
+        "msdetr_impl_a", ("MS-DETR-impl_a",), impl_a_rules, DEFORMABLE_SPLITS, impl_a_config
+    ),
     "hdetr": SourceFormat(
         "hdetr", ("H-Deformable-DETR",), deformable_rules, DEFORMABLE_SPLITS, hdetr_config
     ),

@@ -30,6 +30,22 @@ def repeated(targets: Sequence[Target], times: int) -> list[Target]:
     ]
 
 
+def merge_matches(own: list, extra: list) -> list:
+    """Per image, ``own`` pairs not in ``extra`` followed by ``extra``'s pairs (written last, so
+    they win where a query is given two classes)."""
+    merged = []
+    for (queries, boxes), (extra_queries, extra_boxes) in zip(own, extra):
+        taken = {(q, b) for q, b in zip(extra_queries.tolist(), extra_boxes.tolist())}
+        keep = torch.tensor(
+            [(q, b) not in taken for q, b in zip(queries.tolist(), boxes.tolist())],
+            dtype=torch.bool,
+        )
+        merged.append(
+            (torch.cat((queries[keep], extra_queries)), torch.cat((boxes[keep], extra_boxes)))
+        )
+    return merged
+
+
 class SetCriterion(nn.Module):
     """Match every (group, layer) and apply every loss term.
 
@@ -45,6 +61,8 @@ class SetCriterion(nn.Module):
             (MS-DETR weighs its one-to-many and encoder classification differently).
         group_assigners: group name -> assigner name replacing the group's own choice.
         anchor_matched: groups matched by their ``anchors`` instead of their predicted boxes.
+        merged_matches: group name -> another group over the same queries whose pairs, layer by
+            layer, are added to its own (MS-DETR's ``--use_indices_merge``).
     """
 
     def __init__(
@@ -58,6 +76,7 @@ class SetCriterion(nn.Module):
         group_term_weights: Mapping[str, Mapping[str, float]] | None = None,
         group_assigners: Mapping[str, str] | None = None,
         anchor_matched: Sequence[str] = (),
+        merged_matches: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.assigners = dict(assigners)
@@ -68,6 +87,7 @@ class SetCriterion(nn.Module):
         self.group_term_weights = {k: dict(v) for k, v in (group_term_weights or {}).items()}
         self.group_assigners = dict(group_assigners or {})
         self.anchor_matched = tuple(anchor_matched)
+        self.merged_matches = dict(merged_matches or {})
 
     def assigner_of(self, group: PredictionGroup):
         return self.assigners[self.group_assigners.get(group.name, group.assigner)]
@@ -82,11 +102,15 @@ class SetCriterion(nn.Module):
         last = group.num_layers - 1
         return range(group.num_layers) if self.aux_loss else range(last, last + 1)
 
-    def group_targets(self, group: PredictionGroup, targets: list[Target]) -> list[Target]:
+    def unrepeated_targets(self, group: PredictionGroup, targets: list[Target]) -> list[Target]:
+        """The group's targets before H-DETR's repetition."""
         chosen = group.targets if group.targets is not None else targets
-        if group.target_repeat > 1:
-            chosen = repeated(chosen, group.target_repeat)
-        return class_agnostic(chosen) if group.class_agnostic else chosen
+        return class_agnostic(chosen) if group.class_agnostic else list(chosen)
+
+    def group_targets(self, group: PredictionGroup, targets: list[Target]) -> list[Target]:
+        """The targets the group's losses compare with (repeated ``target_repeat`` times)."""
+        chosen = self.unrepeated_targets(group, targets)
+        return repeated(chosen, group.target_repeat) if group.target_repeat > 1 else chosen
 
     def num_boxes(self, targets: Sequence[Target], device: torch.device) -> float:
         count = torch.tensor(float(sum(len(t) for t in targets)), device=device)
@@ -95,12 +119,12 @@ class SetCriterion(nn.Module):
     def match(self, output: DetectorOutput, targets: list[Target]) -> dict[tuple[str, int], list]:
         """(group name, layer) -> per-image matches.
 
-        The supervised layers of a group are costed as one batch of L x B images, and every
-        group's costs reach the host in a single transfer.
+        The supervised layers of a group are costed as one batch of L x B images, repeated
+        targets are costed once, and every group's costs reach the host in a single transfer.
         """
         spans, requests = [], []
         for group in output.groups:
-            group_targets = self.group_targets(group, targets)
+            group_targets = self.unrepeated_targets(group, targets)
             layers = self.supervised_layers(group)
             chosen = slice(layers.start, layers.stop)
             spans.append((group.name, layers, len(group_targets)))
@@ -110,12 +134,17 @@ class SetCriterion(nn.Module):
                     group.logits[chosen].flatten(0, 1),
                     self.match_boxes(group)[chosen].flatten(0, 1),
                     list(group_targets) * len(layers),
+                    target_repeat=group.target_repeat,
                 )
             )
         matches = {}
         for (name, layers, batch), result in zip(spans, assign_all(requests)):
             for index, layer in enumerate(layers):
                 matches[(name, layer)] = result[index * batch : (index + 1) * batch]
+        for name, other in self.merged_matches.items():
+            for (group, layer), own in list(matches.items()):
+                if group == name and (other, layer) in matches:
+                    matches[(name, layer)] = merge_matches(own, matches[(other, layer)])
         return matches
 
     def forward(self, output: DetectorOutput, targets: list[Target]) -> LossOutput:

@@ -25,17 +25,23 @@ class Assigner(Protocol):
 
     def costs(self, logits: Tensor, boxes: Tensor, targets: Sequence[Target]) -> Tensor: ...
 
-    def solve(self, costs: Tensor, targets: Sequence[Target]) -> list[Match]: ...
+    def solve(self, costs: Tensor, targets: Sequence[Target], repeat: int = 1) -> list[Match]: ...
 
 
 @dataclass
 class AssignRequest:
-    """One assignment problem: predictions [B, Q, C] / [B, Q, 4] of one layer and group."""
+    """One assignment problem: predictions [B, Q, C] / [B, Q, 4] (cxcywh) of one layer and group.
+
+    Attributes:
+        target_repeat: the targets count this many times, tiled [g1..gG, g1..gG, ...] (H-DETR);
+            their costs are computed once and tiled on the host.
+    """
 
     assigner: Assigner
     logits: Tensor
     boxes: Tensor
     targets: Sequence[Target]
+    target_repeat: int = 1
 
 
 def assign_all(requests: Sequence[AssignRequest]) -> list[list[Match]]:
@@ -46,6 +52,6 @@ def assign_all(requests: Sequence[AssignRequest]) -> list[list[Match]]:
     flat = torch.cat([c.reshape(-1) for c in costs]).cpu()
     host_costs = flat.split([c.numel() for c in costs])
     return [
-        request.assigner.solve(host.view(cost.shape), request.targets)
+        request.assigner.solve(host.view(cost.shape), request.targets, request.target_repeat)
         for request, host, cost in zip(requests, host_costs, costs)
     ]

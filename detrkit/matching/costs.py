@@ -32,7 +32,8 @@ class FocalClassCost:
 
     def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
         """logits: [B, N, C]; labels: [B, G] -> [B, N, G]."""
-        prob = _gather_classes(logits.sigmoid(), labels)
+        # Sigmoid is elementwise: gathering the G labels first spares C - G of them.
+        prob = _gather_classes(logits, labels).sigmoid()
         neg = (1 - self.alpha) * prob**self.gamma * -(1 - prob + FOCAL_COST_EPS).log()
         pos = self.alpha * (1 - prob) ** self.gamma * -(prob + FOCAL_COST_EPS).log()
         return pos - neg

@@ -61,11 +61,16 @@ class HungarianAssigner:
         """Per image [Q, G_i] cost matrices (for inspection and tests)."""
         return [costs[i, :, : len(t)] for i, t in enumerate(targets)]
 
-    def solve(self, costs: Tensor, targets: Sequence[Target]) -> list[Match]:
-        """Host costs from ``costs`` -> per image (query indices ascending, target indices)."""
+    def solve(self, costs: Tensor, targets: Sequence[Target], repeat: int = 1) -> list[Match]:
+        """Host costs from ``costs`` -> per image (query indices ascending, target indices).
+
+        With ``repeat`` > 1 the targets count ``repeat`` times ([g1..gG, g1..gG, ...]): the
+        columns are tiled and target indices refer to the repeated list.
+        """
         matches = []
         for image, target in enumerate(targets):
-            rows, cols = linear_sum_assignment(costs[image, :, : len(target)].numpy())
+            image_costs = costs[image, :, : len(target)].repeat(1, repeat)
+            rows, cols = linear_sum_assignment(image_costs.numpy())
             matches.append((_as_index(rows), _as_index(cols)))
         return matches
 

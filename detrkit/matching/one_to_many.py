@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -27,6 +28,8 @@ class TopKQualityAssigner:
         threshold: quality of a positive.
         positive_fraction: cap on positives, as a fraction of the queries.
         box_quality: weight of IoU in the quality (the score takes the rest).
+        score: how logits become class probabilities: "sigmoid" (focal heads) or "softmax"
+            (heads with a no-object logit, DETR).
     """
 
     def __init__(
@@ -35,9 +38,11 @@ class TopKQualityAssigner:
         threshold: float = 0.4,
         positive_fraction: float = 0.25,
         box_quality: float = 0.7,
+        score: Literal["sigmoid", "softmax"] = "sigmoid",
     ) -> None:
         self.k, self.threshold = k, threshold
         self.positive_fraction, self.box_quality = positive_fraction, box_quality
+        self.score = score
 
     @torch.no_grad()
     def costs(self, logits: Tensor, boxes: Tensor, targets: Sequence[Target]) -> Tensor:
@@ -51,17 +56,21 @@ class TopKQualityAssigner:
                 for t, b in zip(target_boxes, boxes)
             ]
         )
+        probs = logits.float().softmax(-1) if self.score == "softmax" else logits.float().sigmoid()
         index = labels[:, :, None].expand(-1, -1, logits.shape[1])
-        scores = torch.gather(logits.float().sigmoid().transpose(1, 2), 1, index)
+        scores = torch.gather(probs.transpose(1, 2), 1, index)
         return self.box_quality * iou + (1 - self.box_quality) * scores
 
     def image_costs(self, costs: Tensor, targets: Sequence[Target]) -> list[Tensor]:
         """Per image [G_i, Q] quality matrices (for inspection and tests)."""
         return [costs[i, : len(t)] for i, t in enumerate(targets)]
 
-    def solve(self, costs: Tensor, targets: Sequence[Target]) -> list[Match]:
-        """Host quality [B, G_max, Q] -> per image (queries, boxes), by ascending quality."""
-        return [self._solve_image(costs[i, : len(t)]) for i, t in enumerate(targets)]
+    def solve(self, costs: Tensor, targets: Sequence[Target], repeat: int = 1) -> list[Match]:
+        """Host quality [B, G_max, Q] -> per image (queries, boxes), by ascending quality.
+        ``repeat`` tiles the targets as ``HungarianAssigner.solve`` does."""
+        return [
+            self._solve_image(costs[i, : len(t)].repeat(repeat, 1)) for i, t in enumerate(targets)
+        ]
 
     def _solve_image(self, quality: Tensor) -> Match:
         num_boxes, num_queries = quality.shape

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 from torch import nn
 
@@ -24,7 +24,8 @@ class QueryDetector(nn.Module):
         decoder: (QuerySet, EncoderMemory) -> DecoderOutput.
         head: DecoderOutput -> prediction groups.
         num_queries: queries used at inference.
-        schemes: training-only supervision plug-ins (no effect in eval mode).
+        schemes: training-only supervision plug-ins by name (no effect in eval mode); they run
+            in the order given, and their query slots follow the inference ones in that order.
     """
 
     def __init__(
@@ -37,13 +38,13 @@ class QueryDetector(nn.Module):
         decoder: Decoder,
         head: DetectionHead,
         num_queries: int,
-        schemes: Sequence[nn.Module] = (),
+        schemes: Mapping[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.backbone, self.neck, self.encoder = backbone, neck, encoder
         self.queries, self.decoder, self.head = queries, decoder, head
         self.num_queries = num_queries
-        self.schemes = nn.ModuleList(schemes)
+        self.schemes = nn.ModuleDict(schemes or {})
 
     def forward(self, images: ImageBatch, targets: list[Target] | None = None) -> DetectorOutput:
         """Run the detector.
@@ -57,7 +58,7 @@ class QueryDetector(nn.Module):
         """
         levels = self.neck(self.backbone(images.pixels), images.padding_mask)
         memory = self.encoder(levels)
-        schemes = list(self.schemes) if self.training else []
+        schemes = list(self.schemes.values()) if self.training else []
         num_extra = sum(s.extra_queries for s in schemes)
         queries, groups = self.queries(memory, self.num_queries, num_extra)
         extra_losses, passes = {}, []

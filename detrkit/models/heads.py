@@ -48,19 +48,26 @@ class DetectionHead(nn.Module):
     def box_predictor(self, layer: int) -> nn.Module:
         return self.bbox_embed[min(layer, len(self.bbox_embed) - 1)]
 
-    def predict(self, hidden: Tensor, references: Sequence[Tensor] | None) -> tuple[Tensor, Tensor]:
+    def predict(
+        self,
+        hidden: Tensor,
+        references: Sequence[Tensor] | None,
+        class_embed: Sequence[nn.Module] | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Per-layer logits and boxes.
 
         Args:
             hidden: [L, B, Q, D].
             references: per layer [B, Q, 2|4] sigmoid-space references, or None (DETR).
+            class_embed: class predictors to use instead of the head's own (same count).
 
         Returns:
             logits [L, B, Q, num_logits] and boxes [L, B, Q, 4] cxcywh in [0, 1].
         """
+        class_embed = self.class_embed if class_embed is None else class_embed
         logits, boxes = [], []
         for layer in range(hidden.shape[0]):
-            logits.append(self.class_embed[min(layer, len(self.class_embed) - 1)](hidden[layer]))
+            logits.append(class_embed[min(layer, len(class_embed) - 1)](hidden[layer]))
             if references is None:
                 boxes.append(self.box_predictor(layer)(hidden[layer]).sigmoid())
             else:

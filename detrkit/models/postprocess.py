@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import batched_nms
 
 from detrkit.ops.boxes import box_cxcywh_to_xyxy
 from detrkit.structures import Detections, PredictionGroup
@@ -29,26 +30,42 @@ class SoftmaxPostprocess(nn.Module):
         return [Detections(b, s, lab) for s, lab, b in zip(scores, labels, boxes)]
 
 
+# MS-DETR's NMS looks at this many best (query, class) pairs (spec C4.5).
+NMS_CANDIDATES = 10_000
+
+
 class TopKSigmoidPostprocess(nn.Module):
     """Deformable family: top-k over every (query, class) sigmoid score.
 
     Args:
         top_k: detections kept per image.
+        nms_iou_threshold: if set, class-wise NMS at this IoU over the best ``NMS_CANDIDATES``
+            pairs first (MS-DETR's ``--nms_iou_threshold``).
     """
 
-    def __init__(self, top_k: int = 100) -> None:
+    def __init__(self, top_k: int = 100, nms_iou_threshold: float | None = None) -> None:
         super().__init__()
-        self.top_k = top_k
+        self.top_k, self.nms_iou_threshold = top_k, nms_iou_threshold
 
     @torch.no_grad()
     def forward(self, predictions: PredictionGroup, image_sizes: Tensor) -> list[Detections]:
         """predictions: logits [L, B, Q, C]; image_sizes: [B, 2] (h, w)."""
         logits = predictions.logits[-1]
-        batch, _, num_classes = logits.shape
+        num_classes = logits.shape[-1]
         probs = logits.sigmoid().flatten(1)
-        scores, flat_index = probs.topk(min(self.top_k, probs.shape[1]), dim=1)
+        keep = self.top_k if self.nms_iou_threshold is None else NMS_CANDIDATES
+        scores, flat_index = probs.topk(min(keep, probs.shape[1]), dim=1)
         query_index = flat_index // num_classes
         labels = flat_index % num_classes
         boxes = _scale_boxes(predictions.boxes[-1], image_sizes)
         boxes = torch.gather(boxes, 1, query_index[..., None].expand(-1, -1, 4))
-        return [Detections(b, s, lab) for s, lab, b in zip(scores, labels, boxes)]
+        detections = [Detections(b, s, lab) for s, lab, b in zip(scores, labels, boxes)]
+        if self.nms_iou_threshold is not None:
+            detections = [self._nms(d) for d in detections]
+        return detections
+
+    def _nms(self, found: Detections) -> Detections:
+        """Class-wise NMS, then the ``top_k`` best survivors (by score, descending)."""
+        kept = batched_nms(found.boxes_xyxy, found.scores, found.labels, self.nms_iou_threshold)
+        kept = kept[: self.top_k]
+        return Detections(found.boxes_xyxy[kept], found.scores[kept], found.labels[kept])

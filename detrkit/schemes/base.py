@@ -23,9 +23,11 @@ class TrainingScheme(nn.Module):
 
     Attributes:
         extra_queries: query slots the scheme asks the initialiser for, beyond the inference ones.
+        tap_points: decoder operations after which the scheme reads the hidden state.
     """
 
     extra_queries: int = 0
+    tap_points: tuple[str, ...] = ()
 
     def extend_queries(
         self, queries: QuerySet, memory: EncoderMemory, targets: list[Target] | None

@@ -105,3 +105,42 @@ def test_malicious_pickle_is_refused(tmp_path, capsys):
 def test_every_source_has_rules():
     for source in SOURCES.values():
         assert source.repos and source.splits is not None
+
+
+def test_msdetr_impl_a_checkpoint_converts_and_keeps_the_deformable_outputs(tmp_path):
+    """Implementation (a) is Deformable DETR plus separate one-to-many class heads (spec C4.2,
+    C4.6): a Deformable DETR golden state dict with those heads added converts cleanly, its
+    eval outputs are the recorded Deformable DETR ones, and the one-to-many group predicts from
+    the same hidden states with the extra class heads and the shared boxes."""
+    case = _case("deformable_detr_r18_ms_refine_twostage")
+    layers = case.spec["args"]["dec_layers"]
+    state = dict(case.official_state)
+    generator = torch.Generator().manual_seed(0)
+    for i in range(layers):
+        for part in ("weight", "bias"):
+            own = state[f"class_embed.{i}.{part}"]
+            state[f"class_embed_o2m.{i}.{part}"] = torch.randn(own.shape, generator=generator)
+        for key in [k for k in case.official_state if k.startswith(f"bbox_embed.{i}.")]:
+            state[key.replace("bbox_embed", "bbox_embed_o2m", 1)] = state[key]
+    args = dict(case.spec["args"], use_ms_detr=True)
+    official = tmp_path / "impl_a.pth"
+    torch.save({"model": state, "args": argparse.Namespace(**args)}, official)
+    out = tmp_path / "impl_a.safetensors"
+    assert main(["convert", "--from", "msdetr_impl_a", str(official), "--out", str(out)]) == 0
+    model = load_model(out).model
+    mixed = model.schemes["mixed"]
+    last = layers - 1
+    torch.testing.assert_close(mixed.class_heads[last].bias, state[f"class_embed_o2m.{last}.bias"])
+    with torch.no_grad():
+        evaluated = model.eval()(case.batch())
+    torch.testing.assert_close(
+        evaluated.for_inference().boxes[-1],
+        case.tensors["eval.f32.out.pred_boxes"],
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    with torch.no_grad():
+        trained = model.train()(case.batch(), case.targets())
+    main_group, o2m = trained.group("main"), trained.group("ms_o2m")
+    torch.testing.assert_close(o2m.boxes, main_group.boxes, atol=0, rtol=0)
+    assert not torch.allclose(o2m.logits, main_group.logits)

@@ -105,3 +105,38 @@ def test_focal_loss_matches_manual_computation():
     alpha_t = 0.25 * one_hot + 0.75 * (1 - one_hot)
     manual = (alpha_t * ce * (1 - p_t) ** 2).sum() / 3
     torch.testing.assert_close(losses.terms["main/cls/d1"], manual)
+
+
+def test_merged_one_to_one_pairs_join_the_one_to_many_pairs():
+    """``merge_one_to_one`` (MS-DETR's ``--use_indices_merge``): each layer's one-to-many pairs
+    gain that layer's Hungarian pairs, once, written last."""
+    from dataclasses import replace
+
+    from detrkit.config.schema import MixedConfig, SchemesConfig
+
+    base = tiny_model_config()
+    # o2m: exactly the rescued queries, no random subsampling
+    mixed = MixedConfig(threshold=2.0, positive_fraction=1.0, merge_one_to_one=True)
+    cfg = replace(
+        base,
+        loss=replace(base.loss, class_loss="sigmoid_focal"),
+        schemes=SchemesConfig(mixed=mixed),
+    )
+    targets = _targets()
+    main = _perfect_group(targets, num_logits=5)
+    # the same predictions in reverse query order: the o2m pairs differ from the main ones
+    o2m = PredictionGroup(
+        "ms_o2m", main.logits.flip(2), main.boxes.flip(2), assigner="topk_quality"
+    )
+    output = DetectorOutput([main, o2m])
+    merged = build_criterion(cfg).match(output, targets)
+    unmerged = SchemesConfig(mixed=replace(mixed, merge_one_to_one=False))
+    plain = build_criterion(replace(cfg, schemes=unmerged)).match(output, targets)
+    for layer in (0, 1):
+        for image in range(2):
+            pairs = list(zip(*[t.tolist() for t in merged[("ms_o2m", layer)][image]]))
+            hungarian = list(zip(*[t.tolist() for t in merged[("main", layer)][image]]))
+            own = list(zip(*[t.tolist() for t in plain[("ms_o2m", layer)][image]]))
+            assert own and not set(own) & set(hungarian)
+            assert pairs[-len(hungarian) :] == hungarian  # written last
+            assert set(pairs) == set(own) | set(hungarian) and len(pairs) == len(set(pairs))

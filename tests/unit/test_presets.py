@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import pytest
 import torch
 
 from detrkit.config.build import build_criterion, build_model, build_postprocess
 from detrkit.config.load import list_presets, load_config
+from detrkit.convert.sources import source_for_repo
 from detrkit.structures import ImageBatch, Target
+from tests.golden.golden_case import GOLDEN_DIR
 
 TINY = [
     "model.hidden_dim=32",
@@ -63,3 +68,53 @@ def test_preset_parameters_are_not_aliased(preset):
         model = build_model(load_config(preset).model, 80)
     params = list(model.parameters())
     assert len({id(p) for p in params}) == len(list(model.named_parameters(remove_duplicate=False)))
+
+
+# The published training scripts' flags (spec C3.5/C4.7), applied to the official defaults that a
+# golden case records; each preset must equal what the converter derives from them.
+_R50_FULL = dict(
+    backbone="resnet50", hidden_dim=256, nheads=8, enc_layers=6, dec_layers=6,
+    dim_feedforward=2048, num_feature_levels=4, with_box_refine=True, two_stage=True,
+    epochs=12, lr_drop=11,
+)  # fmt: skip
+_HDETR_TRICKS = dict(
+    _R50_FULL, num_queries_one2one=300, num_queries_one2many=1500, k_one2many=6,
+    lambda_one2many=1.0, dropout=0.0, mixed_selection=True, look_forward_twice=True,
+)  # fmt: skip
+_MSDETR = dict(
+    _R50_FULL, num_queries=300, dropout=0.1, use_ms_detr=True, use_aux_ffn=True,
+    cls_loss_coef=1, o2m_cls_loss_coef=2, enc_cls_loss_coef=2, enc_bbox_loss_coef=5,
+    enc_giou_loss_coef=2,
+)  # fmt: skip
+_MSDETR_PP = dict(_MSDETR, dropout=0.0, mixed_selection=True, look_forward_twice=True)
+PUBLISHED = [
+    ("hdetr_r50_tricks_12ep", "hdetr_r18_ms_refine_twostage_mqs_lft", _HDETR_TRICKS),
+    ("hdetr_r50_tricks_36ep", "hdetr_r18_ms_refine", dict(_HDETR_TRICKS, epochs=36, lr_drop=30)),
+    (
+        "hdetr_r50_tricks_900q_36ep_top300",
+        "hdetr_r18_ms_refine",
+        dict(_HDETR_TRICKS, epochs=36, lr_drop=30, num_queries_one2one=900, topk=300),
+    ),
+    ("msdetr_r50", "msdetr_r18_ms_refine_twostage", _MSDETR),
+    ("msdetr_pp_r50", "msdetr_r18_ms_refine_twostage_mqs_lft", _MSDETR_PP),
+    (
+        "msdetr_pp_r50_900q",
+        "msdetr_r18_ms_refine_twostage",
+        dict(_MSDETR_PP, num_queries=900, topk_eval=300),
+    ),
+]
+
+
+@pytest.mark.parametrize(("preset", "case", "flags"), PUBLISHED)
+def test_scheme_presets_equal_the_published_scripts(preset, case, flags):
+    path = GOLDEN_DIR / f"{case}.json"
+    if not path.is_file():
+        pytest.skip(f"golden case {path} not available (its args are the official defaults)")
+    spec = json.loads(path.read_text())
+    converted = source_for_repo(spec["repo"]).config_from_args(dict(spec["args"], **flags))
+    ours = load_config(preset)
+    assert replace(converted.model, num_classes=None) == ours.model
+    assert (converted.train.epochs, converted.train.lr_drop) == (
+        ours.train.epochs,
+        ours.train.lr_drop,
+    )

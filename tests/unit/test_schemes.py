@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Training schemes: invisible at inference, add exactly their groups, isolated by the mask."""
+"""Training schemes: invisible at inference, add exactly their groups, isolated by the mask,
+composable, and refused with a clear message where the model lacks what they need."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from detrkit.config.build import build_criterion, build_model
 from detrkit.config.load import load_config
+from detrkit.errors import UserError
 from detrkit.schemes.hybrid import isolate
 from detrkit.structures import ImageBatch, Target
 
@@ -28,9 +30,29 @@ HYBRID = [
     "model.schemes.hybrid.loss_weight=0.5",
 ]
 BASES = ["deformable_detr_r50_refine", "deformable_detr_r50_tricks_12ep", "detr_r50"]
+CROSS_FIRST = ["model.decoder.order=[cross_attn,self_attn,ffn]"]
+MIXED_ROOT = ["model.schemes.mixed={}", *CROSS_FIRST]
+MIXED_IMPL_A = [
+    "model.schemes.mixed.predict_from=layer_output",
+    "model.schemes.mixed.separate_class_heads=true",
+    "model.schemes.mixed.aux_ffn=false",
+]
+# (base preset, overrides of the bare detector, scheme overrides)
+SCHEMED = [
+    ("deformable_detr_r50_refine", [], HYBRID),
+    ("deformable_detr_r50_tricks_12ep", [], HYBRID),
+    ("detr_r50", [], HYBRID),
+    ("deformable_detr_r50_two_stage", CROSS_FIRST, ["model.schemes.mixed={}"]),
+    ("deformable_detr_r50_tricks_12ep", [], MIXED_IMPL_A),
+    ("detr_r50", CROSS_FIRST, ["model.schemes.mixed={}"]),
+    ("detr_r50", [], MIXED_IMPL_A),
+    ("deformable_detr_r50_tricks_12ep", CROSS_FIRST, ["model.schemes.mixed={}", *HYBRID]),
+    ("deformable_detr_r50_refine", [], [*MIXED_IMPL_A, *HYBRID]),
+]
 
 
 def _images():
+    torch.manual_seed(1)
     mask = torch.zeros(2, 64, 80, dtype=torch.bool)
     mask[1, :, 60:] = True
     return ImageBatch(torch.randn(2, 3, 64, 80), mask, torch.tensor([[64, 80], [64, 60]]))
@@ -43,18 +65,19 @@ def _targets():
     ]
 
 
-@pytest.mark.parametrize("base", BASES)
-def test_eval_output_identical_to_bare_detector(base):
-    bare = build_model(load_config(base, TINY).model, 3).eval()
-    hybrid = build_model(load_config(base, TINY + HYBRID).model, 3).eval()
+@pytest.mark.parametrize(("base", "model_overrides", "scheme_overrides"), SCHEMED)
+def test_eval_output_identical_to_bare_detector(base, model_overrides, scheme_overrides):
+    bare = build_model(load_config(base, TINY + model_overrides).model, 3).eval()
+    overrides = TINY + model_overrides + scheme_overrides
+    schemed = build_model(load_config(base, overrides).model, 3).eval()
     state = bare.state_dict()
-    own = hybrid.state_dict()
+    own = schemed.state_dict()
     for key, value in state.items():  # copy, extending query tables with their extra rows
         own[key][: value.shape[0]] = value
-    hybrid.load_state_dict(own)
+    schemed.load_state_dict(own)
     images = _images()
     with torch.no_grad():
-        ours, theirs = hybrid(images), bare(images)
+        ours, theirs = schemed(images), bare(images)
     assert [g.name for g in ours.groups] == [g.name for g in theirs.groups]
     for a, b in zip(ours.groups, theirs.groups):
         torch.testing.assert_close(a.logits, b.logits, atol=0, rtol=0)
@@ -104,3 +127,79 @@ def test_repeated_targets_normalise_the_one_to_many_group():
     criterion.reduce_num_boxes = lambda n: (seen.append(n.item()), n)[1]
     criterion(build_model(cfg, 3).train()(_images(), _targets()), _targets())
     assert 3.0 in seen and 9.0 in seen
+
+
+def _trained(base: str, overrides: list[str]):
+    cfg = load_config(base, TINY + overrides).model
+    torch.manual_seed(0)
+    model = build_model(cfg, 3).train()
+    output = model(_images(), _targets())
+    return cfg, model, output
+
+
+@pytest.mark.parametrize(
+    ("base", "overrides"),
+    [
+        ("deformable_detr_r50_two_stage", MIXED_ROOT),
+        ("deformable_detr_r50_refine", MIXED_IMPL_A),
+        ("detr_r50", MIXED_ROOT),
+        ("detr_r50", MIXED_IMPL_A),
+    ],
+)
+def test_mixed_supervision_predicts_the_primary_queries_again(base, overrides):
+    cfg, model, output = _trained(base, overrides)
+    main, o2m = output.group("main"), output.group("ms_o2m")
+    assert o2m.logits.shape == main.logits.shape and o2m.assigner == "topk_quality"
+    assert not o2m.at_inference and o2m.target_repeat == 1
+    if cfg.schemes.mixed.predict_from == "layer_output":  # impl (a): same states and boxes
+        torch.testing.assert_close(o2m.boxes, main.boxes, atol=0, rtol=0)
+    losses = build_criterion(cfg, 3)(output, _targets())
+    assert torch.isfinite(losses.total)
+    assert losses.weights["ms_o2m/cls/d0"] == cfg.schemes.mixed.class_weight
+    assert losses.weights["ms_o2m/l1/d1"] == cfg.schemes.mixed.bbox_weight
+    losses.total.backward()
+    heads = model.schemes["mixed"].class_heads
+    if heads is not None:  # the copied class heads are trained by the o2m losses
+        assert heads[-1].weight.grad is not None and heads[-1].weight.grad.abs().sum() > 0
+
+
+def test_separate_class_heads_start_as_copies_of_the_head():
+    _, model, _ = _trained("deformable_detr_r50_refine", MIXED_IMPL_A)
+    heads = model.schemes["mixed"].class_heads
+    assert len(heads) == len(model.head.class_embed)
+    for copy, original in zip(heads, model.head.class_embed):
+        assert copy is not original
+        torch.testing.assert_close(copy.bias, original.bias, atol=0, rtol=0)
+
+
+def test_hybrid_and_mixed_compose():
+    """Both schemes on one detector: each adds its group; the o2m slots stay isolated from the
+    primary queries that mixed supervision reads; losses carry each group's weights."""
+    overrides = MIXED_ROOT + HYBRID
+    cfg, model, output = _trained("deformable_detr_r50_tricks_12ep", overrides)
+    names = [g.name for g in output.groups]
+    assert names.count("o2m") == 1 and names.count("ms_o2m") == 1 and names.count("main") == 1
+    assert output.group("o2m").logits.shape[2] == 9
+    assert output.group("ms_o2m").logits.shape[2] == 6
+    losses = build_criterion(cfg, 3)(output, _targets())
+    assert losses.weights["o2m/cls/d1"] == 0.5 * cfg.loss.class_weight
+    assert losses.weights["ms_o2m/cls/d1"] == cfg.schemes.mixed.class_weight
+    assert "enc/cls/d0" in losses.terms
+    with torch.no_grad():
+        table = model.queries.query_embed.weight
+        table[6:] += torch.randn_like(table[6:])  # perturb the o2m slots
+        again = model(_images(), _targets())
+    for name in ("main", "ms_o2m"):
+        torch.testing.assert_close(again.group(name).logits, output.group(name).logits)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(again.group("o2m").logits, output.group("o2m").logits)
+
+
+def test_mixed_needs_cross_attention_first():
+    with pytest.raises(UserError, match=r"model\.decoder\.order=\[cross_attn,self_attn,ffn\]"):
+        build_model(load_config("deformable_detr_r50_refine", ["model.schemes.mixed={}"]).model, 3)
+
+
+def test_nms_needs_sigmoid_heads():
+    with pytest.raises(UserError, match="nms_iou_threshold"):
+        build_model(load_config("detr_r50", TINY + ["model.nms_iou_threshold=0.7"]).model, 3)
