@@ -73,6 +73,30 @@ def all_reduce_mean(value: Tensor) -> Tensor:
     return value / dist.get_world_size()
 
 
+def all_true(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (``flag`` itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def mean_over_ranks(value: float) -> float:
+    """The mean of a Python number over ranks (for logging)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    return all_reduce_mean(tensor).item()
+
+
+def _collective_device() -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo CPU tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_gather_object(obj: object) -> list[object]:
     """Every rank's ``obj`` (a one-element list without a process group)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +39,13 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     precision: Precision,
     max_grad_norm: float | None,
+    all_finite: Callable[[bool], bool] = lambda finite: finite,
 ) -> StepResult:
-    """Forward/backward every micro-batch, then clip and step unless anything is non-finite."""
+    """Forward/backward every micro-batch, then clip and step unless anything is non-finite.
+
+    ``all_finite`` combines this process's verdict with the other ranks' (every rank must skip
+    the same steps, or their weights drift apart).
+    """
     optimizer.zero_grad(set_to_none=True)
     total, terms = 0.0, {}
     for index, (images, targets) in enumerate(micro_batches):
@@ -56,7 +61,7 @@ def train_step(
     if precision.scaler:
         precision.scaler.unscale_(optimizer)
     grad_norm = _grad_norm(model, max_grad_norm)
-    finite = math.isfinite(total) and math.isfinite(grad_norm)
+    finite = all_finite(math.isfinite(total) and math.isfinite(grad_norm))
     if precision.scaler:
         precision.scaler.step(optimizer)  # skips the update itself on inf/nan gradients
         precision.scaler.update()

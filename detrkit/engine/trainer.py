@@ -254,6 +254,7 @@ class Trainer:
             self.optimizer,
             self.precision,
             self.cfg.train.clip_max_norm or None,
+            all_finite=dist.all_true,
         )
         self.loop.step += 1
         self.loop.steps_in_epoch += 1
@@ -266,7 +267,7 @@ class Trainer:
                     "kind": "train",
                     "epoch": self.loop.epoch,
                     "step": self.loop.step,
-                    "loss": result.loss,
+                    "loss": dist.mean_over_ranks(result.loss),
                     "grad_norm": result.grad_norm,
                     "lr": self.optimizer.param_groups[-1]["lr"],
                     "seconds": time.perf_counter() - started,

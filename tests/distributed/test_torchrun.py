@@ -1,0 +1,117 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Two CPU processes under torchrun (gloo) train like one process with the same global batch.
+
+Images all have one size and are never resized differently, so a batch of two and two batches
+of one see identical pixels (padding would change the CNN's border features). With the mean
+box count reduced across ranks and DDP averaging gradients, every step's loss and the final
+weights must then agree with the single process up to float32 reduction order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from detrkit.data.synth import write_synthetic_coco
+from detrkit.engine.checkpoint import load_checkpoint
+from detrkit.engine.logging import read_jsonl
+
+pytestmark = pytest.mark.slow
+
+SIZE = 96
+SETTINGS = [
+    "model.hidden_dim=32",
+    "model.num_heads=2",
+    "model.num_queries=10",
+    "model.encoder.num_layers=1",
+    "model.decoder.num_layers=2",
+    # BatchNorm statistics would depend on the per-process batch: freeze them
+    "model.backbone.norm=frozen_bn",
+    f"data.train_scales=[{SIZE}]",
+    f"data.val_size={SIZE}",
+    f"data.max_size={SIZE}",
+    "data.eval_batch_size=2",
+    "train.log_every=1",
+    "train.max_steps=3",
+    "train.epochs=1",
+]
+HANG_TIMEOUT_S = 300
+
+
+def _train(data: Path, out: Path, processes: int, batch_size: int) -> None:
+    launcher = [sys.executable, "-m", "detrkit"]
+    if processes > 1:
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+            "-m",
+            "detrkit",
+        ]
+    argv = [
+        *launcher,
+        "train",
+        "--config",
+        "deformable_detr_tiny",
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--device",
+        "cpu",
+        "--set",
+        *SETTINGS,
+        f"data.batch_size={batch_size}",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=HANG_TIMEOUT_S, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def uniform_coco(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("uniform_coco")
+    return write_synthetic_coco(root, num_train=8, num_val=5, seed=3, min_size=SIZE, max_size=SIZE)
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(uniform_coco, tmp_path):
+    _train(uniform_coco, tmp_path / "one", processes=1, batch_size=2)
+    _train(uniform_coco, tmp_path / "two", processes=2, batch_size=1)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4), step
+    weights = [
+        load_checkpoint(sorted((tmp_path / run / "checkpoints").glob("*.safetensors"))[-1]).model
+        for run in ("one", "two")
+    ]
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    # evaluation covered every validation image exactly once, whatever the process count
+    for run in ("one", "two"):
+        results = json.loads((tmp_path / run / "results_val.json").read_text())
+        assert {r["image_id"] for r in results} == set(range(1, 6))
+
+
+def test_a_rank_without_boxes_does_not_hang(tmp_path):
+    """Rank 1's only image has no objects: every collective must still run on both ranks."""
+    root = write_synthetic_coco(tmp_path / "data", 2, 2, seed=0, min_size=SIZE, max_size=SIZE)
+    annotations = root / "annotations" / "instances_train.json"
+    coco = json.loads(annotations.read_text())
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != 2]
+    assert coco["annotations"], "image 1 must keep its objects"
+    annotations.write_text(json.dumps(coco))
+    _train(root, tmp_path / "run", processes=2, batch_size=1)
+    assert sorted(_losses(tmp_path / "run")) == [1]  # 2 images / 2 ranks = one step per epoch
