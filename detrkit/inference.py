@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from detrkit.config.build import build_model, build_postprocess
+from detrkit.config.build import build_model, build_postprocess, build_tta
 from detrkit.config.schema import ExperimentConfig
 from detrkit.config.validate import config_from_dict
 from detrkit.data.collate import pad_images
@@ -20,9 +20,11 @@ from detrkit.data.labels import LabelMap
 from detrkit.data.transforms import DetectionSample, build_eval_transforms
 from detrkit.engine.checkpoint import load_checkpoint
 from detrkit.engine.distributed import choose_device
+from detrkit.engine.ema import inference_weights
 from detrkit.engine.precision import Precision
 from detrkit.engine.state import latest_checkpoint
 from detrkit.errors import UserError
+from detrkit.tta import detect
 
 
 @dataclass
@@ -36,7 +38,8 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Build the model recorded in a checkpoint (a file or a run folder) and load its weights."""
+    """Build the model recorded in a checkpoint (a file or a run folder) and load its weights
+    (the EMA of the weights when the run kept one)."""
     found = latest_checkpoint(Path(path))
     if found is None:
         raise UserError(
@@ -46,7 +49,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     config = config_from_dict(checkpoint.meta["config"], source=str(found))
     label_map = LabelMap.from_dict(checkpoint.meta["label_map"])
     model = build_model(config.model, label_map.num_classes)
-    model.load_state_dict(checkpoint.model, strict=True)
+    weights, _ = inference_weights(checkpoint.model, checkpoint.state)
+    model.load_state_dict(weights, strict=True)
     return LoadedModel(model.to(device).eval(), config, label_map, found)
 
 
@@ -68,7 +72,9 @@ class Prediction:
 
 
 class Predictor:
-    """Eval transforms -> padded batch -> model (eval, inference mode) -> postprocess -> ids.
+    """Eval transforms -> batches of equal-size images (no padding, so a prediction does not
+    depend on the other images) -> model (+ test-time augmentation as configured) ->
+    postprocess -> category ids.
 
     Args:
         loaded: model, config and label map (see ``load_model``).
@@ -79,6 +85,7 @@ class Predictor:
         self.model, self.label_map = loaded.model, loaded.label_map
         self.transforms = build_eval_transforms(loaded.config.data)
         self.postprocess = build_postprocess(loaded.config.model)
+        self.tta = build_tta(loaded.config)
         self.device = next(self.model.parameters()).device
         self.precision = Precision(precision, self.device.type)
 
@@ -95,13 +102,16 @@ class Predictor:
                 to_rgb(image), torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
             )
             pixels.append(self.transforms(sample).image)
-        batch = pad_images(pixels).to(self.device)
-        with self.precision.autocast():
-            output = self.model(batch)
-        group = output.for_inference()
-        group.logits, group.boxes = group.logits.float(), group.boxes.float()
         sizes = torch.tensor([[im.height, im.width] for im in images], device=self.device)
-        return [self._named(d) for d in self.postprocess(group, sizes)]
+        found: list = [None] * len(images)
+        for indices in _same_size_groups(pixels):
+            batch = pad_images([pixels[i] for i in indices]).to(self.device)
+            detections = detect(
+                self.model, self.postprocess, batch, sizes[indices], self.precision, self.tta
+            )
+            for index, detection in zip(indices, detections):
+                found[index] = self._named(detection)
+        return found
 
     def _named(self, detections) -> Prediction:
         labels = detections.labels.cpu()
@@ -111,3 +121,11 @@ class Predictor:
             self.label_map.to_category(labels),
             [self.label_map.names[i] for i in labels.tolist()],
         )
+
+
+def _same_size_groups(pixels: Sequence[Tensor]) -> list[list[int]]:
+    """Indices of the images grouped by (h, w), in first-seen order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(pixels):
+        groups.setdefault(tuple(image.shape[-2:]), []).append(index)
+    return list(groups.values())

@@ -8,6 +8,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from detrkit.cli.common import add_tta_options
+
 
 def register(commands, add_config, add_run) -> None:
     parser = commands.add_parser("eval", help="evaluate a checkpoint (COCO metrics)")
@@ -18,6 +20,7 @@ def register(commands, add_config, add_run) -> None:
         "--output-dir", type=Path, default=None, help="where to write results and metrics JSON"
     )
     parser.add_argument("--batch-size", type=int, default=None)
+    add_tta_options(parser)
     add_run(parser)
     parser.set_defaults(run=run)
 
@@ -38,8 +41,10 @@ def run(args) -> int:
     split = args.split or data_cfg.val_split
     dataset = open_split(data_cfg, split, train=False, label_map=loaded.label_map)
     precision = Precision(args.precision or "fp32", device.type)
-    from detrkit.config.build import build_postprocess
+    from detrkit.cli.common import with_tta_options
+    from detrkit.config.build import build_postprocess, build_tta
 
+    config = with_tta_options(loaded.config, args)
     metrics, results = evaluate(
         loaded.model,
         build_postprocess(loaded.config.model),
@@ -48,6 +53,7 @@ def run(args) -> int:
         loaded.label_map.category_ids,
         device,
         precision,
+        build_tta(replace(config, data=data_cfg)),
     )
     print(metrics.format_table())
     out = args.output_dir or loaded.path.parent.parent

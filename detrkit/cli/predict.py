@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from detrkit.cli.common import add_tta_options
+
 MIN_DRAWN_SIDE = 384
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -20,6 +22,7 @@ def register(commands, add_config, add_run) -> None:
         "--score-threshold", type=float, default=0.3, help="minimum score drawn and written"
     )
     parser.add_argument("--batch-size", type=int, default=2)
+    add_tta_options(parser)
     add_run(parser)
     parser.set_defaults(run=run)
 
@@ -41,9 +44,13 @@ def collect_images(inputs: list[Path]) -> list[Path]:
 
 
 def run(args) -> int:
-    from detrkit.inference import Predictor
+    from detrkit.cli.common import with_tta_options
+    from detrkit.engine.distributed import choose_device
+    from detrkit.inference import Predictor, load_model
 
-    predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.precision or "fp32")
+    loaded = load_model(args.checkpoint, choose_device(args.device))
+    loaded.config = with_tta_options(loaded.config, args)
+    predictor = Predictor(loaded, args.precision or "fp32")
     args.output_dir.mkdir(parents=True, exist_ok=True)
     paths = collect_images(args.inputs)
     records = []

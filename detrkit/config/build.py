@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from detrkit.config.schema import ModelConfig
+from detrkit.config.schema import ExperimentConfig, ModelConfig
 from detrkit.errors import UserError
 from detrkit.layers.attention import CrossAttention, SelfAttention
 from detrkit.layers.deformable import DeformableCrossAttention
@@ -33,6 +33,7 @@ from detrkit.models.two_stage import TwoStageQuerySelector
 from detrkit.schemes.base import TrainingScheme
 from detrkit.schemes.hybrid import HybridMatching
 from detrkit.schemes.mixed import MixedSupervision
+from detrkit.tta import TTASettings
 
 
 def resolved_num_classes(cfg: ModelConfig, num_classes: int | None = None) -> int:
@@ -226,6 +227,7 @@ def validate_model_config(cfg: ModelConfig) -> None:
             "two-stage queries need box refinement (the encoder proposal head is the "
             "last of the per-layer heads): set model.box_refine=iterative"
         )
+    _validate_orders(cfg)
     mixed = cfg.schemes.mixed
     if mixed is not None and mixed.predict_from == "cross_attn":
         if cfg.decoder.order[0] != "cross_attn":
@@ -242,6 +244,19 @@ def validate_model_config(cfg: ModelConfig) -> None:
         )
     if cfg.num_feature_levels < 1:
         raise UserError("model.num_feature_levels must be at least 1")
+
+
+DECODER_OPS = ("self_attn", "cross_attn", "ffn")
+
+
+def _validate_orders(cfg: ModelConfig) -> None:
+    if sorted(cfg.decoder.order) != sorted(DECODER_OPS):
+        raise UserError(
+            f"model.decoder.order={list(cfg.decoder.order)} must list each of "
+            f"{', '.join(DECODER_OPS)} once, e.g. [self_attn,cross_attn,ffn]"
+        )
+    if tuple(cfg.encoder.order) != DECODER_OPS:
+        raise UserError("model.encoder.order is not used (the encoder has no cross-attention)")
 
 
 def build_criterion(
@@ -306,6 +321,17 @@ def build_criterion(
         group_assigners={"enc": "hungarian_anchor"} if anchor_matching else {},
         anchor_matched=("enc",) if anchor_matching else (),
         merged_matches={"ms_o2m": "main"} if mixed is not None and mixed.merge_one_to_one else {},
+    )
+
+
+def build_tta(cfg: ExperimentConfig) -> TTASettings:
+    """Test-time augmentation as configured (none by default)."""
+    inference = cfg.inference
+    return TTASettings(
+        scales=inference.tta_scales,
+        max_size=cfg.data.max_size,
+        flip=inference.tta_flip,
+        nms_iou=inference.tta_nms_iou,
     )
 
 

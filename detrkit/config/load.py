@@ -25,6 +25,7 @@ import yaml
 from detrkit.config.schema import ExperimentConfig
 from detrkit.config.validate import (
     accepts,
+    check_minimums,
     config_from_dict,
     config_to_dict,
     describe_value,
@@ -217,7 +218,8 @@ def load_config(name_or_path: str | None, overrides: Sequence[str] = ()) -> Expe
         name_or_path: a preset name (``detr_r50``, see :func:`list_presets`), a path to a YAML
             file, or None for the schema defaults.
         overrides: ``"a.b.c=value"`` strings; values are parsed as YAML (``true``, ``0.1``,
-            ``[1, 2]``, ``null``).
+            ``[1, 2]``, ``null``; ``{}`` turns an optional section such as
+            ``model.schemes.mixed`` on with its defaults).
 
     Raises:
         UserError: unknown preset, missing file, bad YAML, unknown key, wrong type, base cycle.
@@ -228,8 +230,10 @@ def load_config(name_or_path: str | None, overrides: Sequence[str] = ()) -> Expe
         data = _load_tree(name_or_path, None, ())
         source = name_or_path if _is_path(name_or_path) else f"{name_or_path}.yaml"
     config = config_from_dict(data, source=source)
-    if not overrides:
-        return config
-    for override in overrides:
-        data = _apply_override(data, override)
-    return config_from_dict(data, source=OVERRIDE_SOURCE)
+    if overrides:
+        for override in overrides:
+            data = _apply_override(data, override)
+        source = OVERRIDE_SOURCE
+        config = config_from_dict(data, source=source)
+    check_minimums(config, source)
+    return config

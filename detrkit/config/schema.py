@@ -250,6 +250,10 @@ class DataConfig:
         batch_size: images per process and step.
         eval_batch_size: images per process at evaluation.
         num_workers: dataloader worker processes.
+        group_by_aspect_ratio: training batches hold only landscape or only portrait images
+            (less padding; the originals mix them).
+        eval_group_by_size: evaluation batches hold images of one size only, so no image is
+            padded and every prediction is the same at any ``eval_batch_size``.
     """
 
     root: str | None = None
@@ -264,6 +268,8 @@ class DataConfig:
     batch_size: int = 2
     eval_batch_size: int = 2
     num_workers: int = 2
+    group_by_aspect_ratio: bool = False
+    eval_group_by_size: bool = True
 
 
 @dataclass(frozen=True)
@@ -282,6 +288,11 @@ class TrainConfig:
         checkpoint_every: also checkpoint every N optimiser steps (0: epoch ends only).
         keep_last: step checkpoints kept on disk.
         max_nonfinite_steps: consecutive non-finite steps that stop the run.
+        compile: ``torch.compile`` the backbone and each encoder/decoder layer (opt-in; the
+            first steps pay the compile time; needs a C++ compiler on the CPU).
+        ema_decay: keep an exponential moving average of the weights with this decay per
+            optimiser step (e.g. 0.9998); evaluation, ``detrkit eval`` and ``predict`` then use
+            the averaged weights. None = off.
     """
 
     epochs: int = 300
@@ -301,6 +312,24 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 10
     max_nonfinite_steps: int = 5
+    ema_decay: float | None = None
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How evaluation and ``detrkit predict`` run the model.
+
+    Attributes:
+        tta_scales: test-time augmentation: extra passes with the shorter side resized to each
+            of these (the ``data.val_size`` pass always runs); empty = none.
+        tta_flip: also run every pass horizontally flipped.
+        tta_nms_iou: the passes' detections are merged by class-wise NMS at this IoU.
+    """
+
+    tta_scales: tuple[int, ...] = ()
+    tta_flip: bool = False
+    tta_nms_iou: float = 0.6
 
 
 @dataclass(frozen=True)
@@ -310,3 +339,4 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)

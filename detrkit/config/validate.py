@@ -22,12 +22,43 @@ __all__ = [
     "accepts",
     "config_from_dict",
     "config_to_dict",
+    "check_minimums",
     "describe_value",
     "field_type",
     "nearest",
 ]
 
 T = TypeVar("T")
+
+
+# Smallest allowed value of integer keys whose type alone admits nonsense (0 epochs, no batch).
+MINIMUMS = {
+    "model.hidden_dim": 1,
+    "model.num_heads": 1,
+    "model.num_queries": 1,
+    "model.encoder.num_layers": 0,
+    "model.decoder.num_layers": 1,
+    "data.batch_size": 1,
+    "data.eval_batch_size": 1,
+    "data.num_workers": 0,
+    "train.epochs": 1,
+    "train.grad_accum_steps": 1,
+    "train.eval_every": 0,
+    "train.checkpoint_every": 0,
+    "train.keep_last": 1,
+    "train.log_every": 1,
+    "train.max_nonfinite_steps": 1,
+}
+
+
+def check_minimums(cfg: ExperimentConfig, source: str) -> None:
+    """Raise ``UserError`` naming the first key in ``MINIMUMS`` below its minimum."""
+    for key, minimum in MINIMUMS.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value < minimum:
+            raise UserError(f"{key}={value} in {source} must be at least {minimum}")
 
 
 def config_from_dict(data: Mapping, cls: type[T] = ExperimentConfig, *, source: str) -> T:

@@ -293,6 +293,10 @@ class CocoDetection(Dataset):
         width, height = self._sizes_wh[index]
         return int(height), int(width)
 
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(h, w) of every image according to the annotation file (no image read)."""
+        return [(int(h), int(w)) for w, h in self._sizes_wh]
+
     def aspect_ratios(self) -> np.ndarray:
         """[I] float64 width / height of every image, from the annotation file (no image read)."""
         return self._sizes_wh[:, 0] / self._sizes_wh[:, 1]

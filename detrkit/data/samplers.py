@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -199,25 +199,43 @@ def build_train_loader(
     drop_last: bool = True,
     num_replicas: int = 1,
     rank: int = 0,
+    aspect_ratios: Sequence[float] | None = None,
 ) -> DataLoader:
     """Training DataLoader yielding ``(ImageBatch, list[Target])``.
 
-    Shuffled by a resumable sampler (``loader.sampler``): call its ``set_epoch``
+    Shuffled by a resumable sampler (``resumable_sampler(loader)``): call its ``set_epoch``
     every epoch and ``skip`` to resume inside one. Augmentations are seeded per sample
     (``SeededSampler``), so identical runs, resumed runs and runs with other ``num_workers``
-    draw identical augmentations.
+    draw identical augmentations. With ``aspect_ratios`` (width / height per image), batches hold
+    only landscape or only portrait images (``AspectRatioBatchSampler``; always drop-last).
     """
+    common = dict(
+        num_workers=num_workers,
+        collate_fn=collate,
+        # A private generator keeps loader start-up from consuming the global torch RNG.
+        generator=torch.Generator().manual_seed(seed),
+    )
+    if aspect_ratios is not None:
+        from detrkit.data.grouping import AspectRatioBatchSampler
+
+        batches = AspectRatioBatchSampler(
+            aspect_ratios, batch_size, seed, num_replicas=num_replicas, rank=rank
+        )
+        return DataLoader(SeededDataset(dataset), batch_sampler=batches, **common)
     sampler = ResumableRandomSampler(len(dataset), seed, num_replicas=num_replicas, rank=rank)
     return DataLoader(
         SeededDataset(dataset),
         batch_size=batch_size,
         sampler=SeededSampler(sampler, seed),
-        num_workers=num_workers,
-        collate_fn=collate,
         drop_last=drop_last,
-        # A private generator keeps loader start-up from consuming the global torch RNG.
-        generator=torch.Generator().manual_seed(seed),
+        **common,
     )
+
+
+def resumable_sampler(loader: DataLoader):
+    """The sampler of a training loader that has ``set_epoch``, ``skip`` and ``num_samples``."""
+    batches = loader.batch_sampler
+    return batches if hasattr(batches, "set_epoch") else loader.sampler
 
 
 def build_eval_loader(
@@ -227,16 +245,18 @@ def build_eval_loader(
     *,
     num_replicas: int = 1,
     rank: int = 0,
+    sizes: Sequence[tuple[int, int]] | None = None,
 ) -> DataLoader:
     """Evaluation DataLoader in dataset order (each rank a strided shard), keeping the last
-    partial batch."""
-    sampler = ShardedSequentialSampler(len(dataset), num_replicas=num_replicas, rank=rank)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate,
-        drop_last=False,
-        generator=torch.Generator().manual_seed(0),
+    partial batch. With ``sizes`` ((h, w) per image), batches hold images of one size only, so
+    nothing is padded (``SameSizeBatchSampler``)."""
+    common = dict(
+        num_workers=num_workers, collate_fn=collate, generator=torch.Generator().manual_seed(0)
     )
+    if sizes is not None:
+        from detrkit.data.grouping import SameSizeBatchSampler
+
+        batches = SameSizeBatchSampler(sizes, batch_size, num_replicas=num_replicas, rank=rank)
+        return DataLoader(dataset, batch_sampler=batches, **common)
+    sampler = ShardedSequentialSampler(len(dataset), num_replicas=num_replicas, rank=rank)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False, **common)

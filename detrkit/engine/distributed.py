@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +49,12 @@ def choose_device(requested: str | None = None) -> torch.device:
 
 
 def init_distributed(device: str | None = None) -> DistContext:
-    """Join the process group described by torchrun (or Slurm) environment variables, if any."""
+    """Join the process group described by torchrun (or Slurm) environment variables, if any.
+
+    torchrun sets RANK/WORLD_SIZE/LOCAL_RANK and the rendezvous address; a job started with
+    ``srun`` (one task per GPU) gives SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID instead, and the
+    first host of SLURM_JOB_NODELIST becomes the address (set MASTER_PORT to pick the port).
+    """
     world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
@@ -57,11 +63,22 @@ def init_distributed(device: str | None = None) -> DistContext:
         chosen = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(chosen)
     if world_size > 1 and not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        # torchrun sets MASTER_ADDR; under plain srun every task derives the first node's name.
+        nodes = os.environ.get("SLURM_JOB_NODELIST") if "RANK" not in os.environ else None
+        os.environ.setdefault("MASTER_ADDR", first_slurm_host(nodes) if nodes else "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         backend = "nccl" if chosen.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world_size)
     return DistContext(rank, world_size, local_rank, chosen)
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: "gpu[003-005,9],cpu1" -> "gpu003"."""
+    match = re.match(r"([^,\[]+)(?:\[([^\],-]+))?", nodelist.strip())
+    if not match:
+        raise ValueError(f"cannot read a host name from SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, first_index = match.groups()
+    return prefix + (first_index or "")
 
 
 def all_reduce_mean(value: Tensor) -> Tensor:

@@ -23,14 +23,28 @@ class JsonlWriter:
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in record.items()
         }
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(clean) + "\n")
+        with self.path.open("a+b") as handle:
+            # A run killed mid-write leaves a torn last line: start a fresh one after it.
+            torn = handle.tell() > 0 and _last_byte(handle) != b"\n"
+            handle.write((("\n" if torn else "") + json.dumps(clean) + "\n").encode())
+
+
+def _last_byte(handle) -> bytes:
+    handle.seek(-1, 2)
+    return handle.read(1)
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """Every record of a JSONL file, skipping a line torn by a killed process."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def setup_console_logging(is_main: bool, verbose: bool = False) -> None:

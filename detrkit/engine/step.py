@@ -18,12 +18,20 @@ from detrkit.structures import ImageBatch, Target
 
 @dataclass
 class StepResult:
-    """What one step produced (loss values averaged over micro-batches, unweighted terms)."""
+    """What one step produced (loss values averaged over micro-batches, unweighted terms).
+
+    Attributes:
+        finite: False when the loss or the gradients were non-finite in a way loss scaling
+            cannot explain; such steps count towards ``train.max_nonfinite_steps``.
+        updated: whether the optimiser stepped (fp16 also skips steps whose scaled gradients
+            overflowed, and lowers the scale; that is routine, not divergence).
+    """
 
     loss: float
     terms: dict[str, float]
     grad_norm: float
     finite: bool
+    updated: bool = True
 
 
 def _no_sync(model: nn.Module, last: bool):
@@ -61,14 +69,21 @@ def train_step(
     if precision.scaler:
         precision.scaler.unscale_(optimizer)
     grad_norm = _grad_norm(model, max_grad_norm)
-    finite = all_finite(math.isfinite(total) and math.isfinite(grad_norm))
+    grads_finite = math.isfinite(grad_norm)
     if precision.scaler:
-        precision.scaler.step(optimizer)  # skips the update itself on inf/nan gradients
+        # An overflow at a scale >= 1 is the scaler's business; below 1 the gradients are
+        # non-finite at any scale.
+        grads_finite = grads_finite or precision.scaler.get_scale() >= 1.0
+    finite = all_finite(math.isfinite(total) and grads_finite)
+    updated = finite and math.isfinite(grad_norm)
+    if precision.scaler:
+        if finite:
+            precision.scaler.step(optimizer)  # skips the update itself on inf/nan gradients
         precision.scaler.update()
-    elif finite:
+    elif updated:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(total, terms, grad_norm, finite)
+    return StepResult(total, terms, grad_norm, finite, updated)
 
 
 def _grad_norm(model: nn.Module, max_norm: float | None) -> float:

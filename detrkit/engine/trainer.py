@@ -13,14 +13,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from detrkit.config.build import build_criterion, build_model, build_postprocess
+from detrkit.config.build import build_criterion, build_model, build_postprocess, build_tta
 from detrkit.config.load import dump_config
 from detrkit.config.schema import ExperimentConfig
 from detrkit.config.validate import config_to_dict
 from detrkit.data.labels import LabelMap
+from detrkit.data.samplers import resumable_sampler
 from detrkit.engine import distributed as dist
 from detrkit.engine.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from detrkit.engine.compile import compile_regions
 from detrkit.engine.data import eval_loader, open_split, train_loader
+from detrkit.engine.ema import WeightEMA
 from detrkit.engine.evaluate import evaluate
 from detrkit.engine.logging import JsonlWriter
 from detrkit.engine.optim import build_lr_scheduler, build_optimizer, describe_param_groups
@@ -98,6 +101,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.train)
         self.precision = Precision(cfg.train.precision, self.ctx.device.type)
+        decay = cfg.train.ema_decay
+        self.ema = WeightEMA(self.model, decay) if decay is not None else None
         self.loader = train_loader(
             self.train_set,
             cfg.data,
@@ -118,6 +123,8 @@ class Trainer:
             self._init_from(init_from, allow_partial)
         if resume:
             self._resume(resume)
+        if cfg.train.compile:
+            compile_regions(self.model)
         self.ddp_model = self._wrap(self.model)
         logger.info(describe_param_groups(self.optimizer.param_groups))
 
@@ -129,7 +136,7 @@ class Trainer:
 
     @property
     def sampler(self):
-        return self.loader.sampler
+        return resumable_sampler(self.loader)
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
@@ -140,6 +147,7 @@ class Trainer:
             "scaler": scaler.state_dict() if scaler else None,
             "rng": rng_state(),
             "loop": vars(self.loop).copy(),
+            "ema": self.ema.state_dict() if self.ema else None,
         }
 
     def meta(self) -> dict:
@@ -177,8 +185,20 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.precision.scaler and state["scaler"]:
             self.precision.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if not state.get("ema"):
+                raise UserError(
+                    f"{path} has no EMA weights but train.ema_decay is set; resume with the "
+                    "config it was trained with, or start from it with --init-from"
+                )
+            self.ema.load_state_dict(state["ema"])
         self.loop = LoopState(**state["loop"])
         restore_rng_state(state["rng"])
+        if self.ctx.is_main:  # a killed run leaves its half-written checkpoint behind
+            for stale in self.checkpoint_dir.glob(".checkpoint_*.tmp"):
+                stale.unlink(missing_ok=True)
+        # Records after this line supersede those of the interrupted run for the same steps.
+        self.log.write({"kind": "resume", "epoch": self.loop.epoch, "step": self.loop.step})
         logger.info("resumed from %s at epoch %d, step %d", path, self.loop.epoch, self.loop.step)
 
     def _init_from(self, path: Path, allow_partial: bool) -> None:
@@ -258,6 +278,8 @@ class Trainer:
         )
         self.loop.step += 1
         self.loop.steps_in_epoch += 1
+        if self.ema is not None and result.updated:
+            self.ema.update(self.model)
         self._check_finite(result, micro)
         progress.set_postfix(loss=f"{result.loss:.3f}")
         progress.update()
@@ -269,7 +291,7 @@ class Trainer:
                     "step": self.loop.step,
                     "loss": dist.mean_over_ranks(result.loss),
                     "grad_norm": result.grad_norm,
-                    "lr": self.optimizer.param_groups[-1]["lr"],
+                    "lr": self.optimizer.param_groups[0]["lr"],  # the default group
                     "seconds": time.perf_counter() - started,
                 }
             )
@@ -305,13 +327,14 @@ class Trainer:
             self.val_set, self.cfg.data, rank=self.ctx.rank, world_size=self.ctx.world_size
         )
         metrics, results = evaluate(
-            self.model,
+            self.ema.module if self.ema else self.model,
             self.postprocess,
             loader,
             self.val_set.coco_json,
             self.label_map.category_ids,
             self.ctx.device,
             self.precision,
+            build_tta(self.cfg),
         )
         if self.ctx.is_main:
             report_eval(metrics, results, self.output_dir, self.loop, self.log)

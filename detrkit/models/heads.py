@@ -69,7 +69,7 @@ class DetectionHead(nn.Module):
         for layer in range(hidden.shape[0]):
             logits.append(class_embed[min(layer, len(class_embed) - 1)](hidden[layer]))
             if references is None:
-                boxes.append(self.box_predictor(layer)(hidden[layer]).sigmoid())
+                boxes.append(self.box_predictor(layer)(hidden[layer]).float().sigmoid())
             else:
                 boxes.append(
                     refined_reference(self.box_predictor(layer), hidden[layer], references[layer])

@@ -63,7 +63,7 @@ class LearnedQueriesWithReference(nn.Module):
         pos, content = self.query_embed.weight[:total].split(self.reference_points.in_features, 1)
         pos, content = pos[None].expand(batch, -1, -1), content[None].expand(batch, -1, -1)
         main = QueryGroup(MAIN_GROUP, 0, num_queries, assigner="hungarian", at_inference=True)
-        reference = self.reference_points(pos).sigmoid()
+        reference = self.reference_points(pos).float().sigmoid()
         return QuerySet(content=content, pos=pos, reference=reference, groups=(main,)), []
 
 

@@ -20,8 +20,9 @@ def refined_reference(box_head: nn.Module, hidden: Tensor, reference: Tensor) ->
     Returns:
         [B, Q, 4] refined boxes, cxcywh in [0, 1].
     """
-    delta = box_head(hidden)
-    offset = inverse_sigmoid(reference)
+    # Box arithmetic stays float32 under autocast (bf16 keeps ~3 significant digits).
+    delta = box_head(hidden).float()
+    offset = inverse_sigmoid(reference.float())
     if reference.shape[-1] == 2:
         offset = nn.functional.pad(offset, (0, 2))
     return (delta + offset).sigmoid()

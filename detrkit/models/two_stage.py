@@ -103,8 +103,9 @@ class TwoStageQuerySelector(nn.Module):
         proposal_logits, valid = encoder_proposals(memory)
         hidden = memory.tokens.masked_fill(memory.padding_mask[..., None], 0.0)
         hidden = self.enc_output_norm(self.enc_output(hidden.masked_fill(~valid, 0.0)))
-        logits = self.class_embed(hidden)
-        coords_logit = self.bbox_embed(hidden) + proposal_logits
+        # Ranking and box arithmetic in float32 even under autocast: bf16 ties many scores.
+        logits = self.class_embed(hidden).float()
+        coords_logit = self.bbox_embed(hidden).float() + proposal_logits.float()
         total = num_queries + num_extra
         if total > logits.shape[1]:
             raise ValueError(

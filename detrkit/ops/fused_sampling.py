@@ -273,12 +273,12 @@ def _value_grad(
     """
     num_levels, num_points = low_rows.shape[-2:]
     samples_per_bag = num_levels * num_points
-    sorted_rows, order = torch.sort(low_rows.view(-1), stable=True)
+    sorted_rows, order = torch.sort(low_rows.reshape(-1), stable=True)
     order = order.to(low_rows.dtype)
     bags = torch.div(order, samples_per_bag, rounding_mode="floor")
     # Gathering a, fx, fy and recomputing the four weights beats gathering four weights.
-    sorted_frac = torch.stack([part.view(-1).index_select(0, order) for part in frac])
-    sorted_weights = _corner_weights(weights.view(-1).index_select(0, order), sorted_frac)
+    sorted_frac = torch.stack([part.reshape(-1).index_select(0, order) for part in frac])
+    sorted_weights = _corner_weights(weights.reshape(-1).index_select(0, order), sorted_frac)
     if low_rows.numel() >= layout.num_rows:
         return _dense_value_grad(grad, bags, sorted_rows, sorted_weights, layout)
     levels = torch.div(order % samples_per_bag, num_points, rounding_mode="floor")

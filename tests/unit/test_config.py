@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import re
 
 import pytest
 import yaml
@@ -282,3 +283,19 @@ def test_round_trip_yaml_file(tmp_path, name):
     dump_config(cfg, path)
     assert yaml.safe_load(path.read_text())["train"]["lr"] == 3e-5
     assert load_config(str(path)) == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("train.keep_last=0", "train.keep_last=0 in --set must be at least 1"),
+        ("data.batch_size=0", "data.batch_size=0"),
+        ("model.decoder.order=[cross_attn,ffn]", "must list each of self_attn, cross_attn, ffn"),
+        ("model.encoder.order=[cross_attn,self_attn,ffn]", "model.encoder.order is not used"),
+    ],
+)
+def test_nonsense_values_are_refused_naming_the_key(override, needle):
+    from detrkit.config.build import validate_model_config
+
+    with pytest.raises(UserError, match=re.escape(needle)):
+        validate_model_config(load_config("detr_r50", [override]).model)

@@ -119,3 +119,22 @@ def test_eval_loader_keeps_order_and_last_batch():
     loader = build_eval_loader(_TinyDataset(5), batch_size=2, num_workers=0)
     ids = [[t.image_id for t in ts] for _, ts in loader]
     assert ids == [[0, 1], [2, 3], [4]]
+
+
+def test_aspect_ratio_grouped_loader_keeps_per_sample_augmentation_seeds():
+    """Grouped batches load through the same seeded dataset: an image gets the same seed (hence
+    augmentation) as in ungrouped training, and each batch has one orientation."""
+    from detrkit.data.samplers import resumable_sampler
+
+    dataset = _TinyDataset(10)
+    ratios = [1.5 if i % 3 else 0.5 for i in range(10)]
+    loader = build_train_loader(dataset, 2, 0, seed=7, aspect_ratios=ratios)
+    sampler = resumable_sampler(loader)
+    sampler.set_epoch(2)
+    batches = [[t.image_id for t in ts] for _, ts in loader]
+    assert len(batches) == sampler.num_samples // 2 == 5
+    assert all(len({ratios[i] >= 1 for i in b}) == 1 for b in batches[:-1])
+    plain = resumable_sampler(build_train_loader(dataset, 2, 0, seed=7))
+    plain.set_epoch(2)
+    grouped_seeds = dict(pair for batch in sampler for pair in batch)
+    assert grouped_seeds == dict(iter(plain))
