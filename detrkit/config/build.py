@@ -19,7 +19,7 @@ from detrkit.losses.terms import GIoUTerm, L1Term, SigmoidFocalTerm, SoftmaxCros
 from detrkit.matching.costs import FocalClassCost, SoftmaxClassCost
 from detrkit.matching.hungarian import HungarianAssigner
 from detrkit.matching.one_to_many import TopKQualityAssigner
-from detrkit.models.backbone import ResNetBackbone
+from detrkit.models.backbones import build_backbone, check_backbone_name
 from detrkit.models.decoder import Decoder, DecoderLayer
 from detrkit.models.deformable_encoder import DeformableEncoder, DeformableEncoderLayer
 from detrkit.models.detector import QueryDetector
@@ -149,16 +149,7 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> QueryDetect
     validate_model_config(cfg)
     logits = num_logits(cfg, resolved_num_classes(cfg, num_classes))
     stages = backbone_stages(cfg)
-    backbone = ResNetBackbone(
-        cfg.backbone.name,
-        return_stages=stages,
-        dilation=cfg.backbone.dilation,
-        trainable=cfg.backbone.trainable,
-        frozen_stages=cfg.backbone.frozen_stages,
-        norm=cfg.backbone.norm,
-    )
-    if cfg.backbone.weights:
-        backbone.load_pretrained(cfg.backbone.weights)
+    backbone = build_backbone(cfg.backbone, stages)
     deformable = cfg.encoder.attention == "ms_deform"
     neck = ChannelMapper(
         list(backbone.out_channels.values()),
@@ -227,6 +218,7 @@ def validate_model_config(cfg: ModelConfig) -> None:
             "two-stage queries need box refinement (the encoder proposal head is the "
             "last of the per-layer heads): set model.box_refine=iterative"
         )
+    check_backbone_name(cfg.backbone.name)
     _validate_orders(cfg)
     mixed = cfg.schemes.mixed
     if mixed is not None and mixed.predict_from == "cross_attn":

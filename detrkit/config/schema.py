@@ -11,15 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
-
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    """ResNet backbone (spec A4).
+    """The image backbone (spec A4, C3, C7).
 
     Attributes:
-        name: torchvision ResNet variant.
+        name: a registered backbone (``detrkit.models.backbones.backbone_names()``): resnet18,
+            resnet34, resnet50, resnet101 (torchvision), and the transformer families.
         dilation: DC5, i.e. layer4 with stride 1 and dilation 2 (original flag ``--dilation``).
         weights: local path to ImageNet weights (torchvision or timm format), never downloaded.
         trainable: train the stages after ``frozen_stages``; False freezes everything, like
@@ -28,14 +27,19 @@ class BackboneConfig:
             (training from scratch).
         norm: "frozen_bn" (the originals, for pretrained weights) or "bn" (trainable
             BatchNorm, for backbones trained from scratch).
+        drop_path_rate: stochastic depth of transformer backbones (Swin, CoaT, MPViT).
+        checkpointing: recompute each backbone stage's activations in the backward pass
+            (gradient checkpointing: less memory, more compute; H-DETR's ``--use_checkpoint``).
     """
 
-    name: BackboneName = "resnet50"
+    name: str = "resnet50"
     dilation: bool = False
     weights: str | None = None
     trainable: bool = True
     frozen_stages: int = 1
     norm: Literal["frozen_bn", "bn"] = "frozen_bn"
+    drop_path_rate: float = 0.0
+    checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ class TransformerConfig:
             (``--enc_n_points`` / ``--dec_n_points``).
         order: decoder only: the order of its residual operations (MS-DETR puts
             ``cross_attn`` first).
+        checkpointing: recompute each layer's activations in the backward pass (gradient
+            checkpointing; H-DETR's ``--use_checkpoint``).
     """
 
     num_layers: int = 6
@@ -81,6 +87,7 @@ class TransformerConfig:
     attention: Literal["global", "ms_deform"] = "global"
     num_points: int = 4
     order: tuple[str, ...] = ("self_attn", "cross_attn", "ffn")
+    checkpointing: bool = False
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import torchvision
 from safetensors.torch import save_file
 
 from detrkit.errors import UserError
-from detrkit.models.backbone import ResNetBackbone
+from detrkit.models.backbones.resnet import ResNetBackbone
 
 
 def _imagenet_state(name="resnet18"):
@@ -60,3 +60,12 @@ def test_frozen_stages_and_trainable():
 def test_dc5_needs_bottleneck_resnet():
     with pytest.raises(UserError, match="dilation"):
         ResNetBackbone("resnet18", dilation=True)
+
+
+def test_unknown_backbone_names_the_closest_known_ones():
+    from detrkit.config.build import build_model
+    from detrkit.config.load import load_config
+    from detrkit.errors import UserError
+
+    with pytest.raises(UserError, match="unknown model.backbone.name 'resnet05'; did you mean"):
+        build_model(load_config("detr_r50", ["model.backbone.name=resnet05"]).model, 3)

@@ -12,7 +12,9 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from detrkit.config.schema import BackboneConfig
 from detrkit.errors import UserError
+from detrkit.models.backbones.registry import register
 
 logger = logging.getLogger(__name__)
 
@@ -138,3 +140,15 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     return state
+
+
+@register("resnet18", "resnet34", "resnet50", "resnet101")
+def build_resnet(cfg: BackboneConfig, stages: Sequence[str]) -> ResNetBackbone:
+    return ResNetBackbone(
+        cfg.name,
+        return_stages=stages,
+        dilation=cfg.dilation,
+        trainable=cfg.trainable,
+        frozen_stages=cfg.frozen_stages,
+        norm=cfg.norm,
+    )
