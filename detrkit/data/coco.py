@@ -219,6 +219,13 @@ def _gather_annotations(
     )
 
 
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """A view of ``array`` that cannot be written through."""
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
 class CocoDetection(Dataset):
     """COCO-format detection dataset.
 
@@ -300,6 +307,23 @@ class CocoDetection(Dataset):
     def aspect_ratios(self) -> np.ndarray:
         """[I] float64 width / height of every image, from the annotation file (no image read)."""
         return self._sizes_wh[:, 0] / self._sizes_wh[:, 1]
+
+    def file_names(self) -> list[str]:
+        """File name of every image (relative to ``images_dir``), in file order; a copy."""
+        return list(self._file_names)
+
+    def image_sizes_wh(self) -> np.ndarray:
+        """[I, 2] int64 (width, height) of every image from the annotation file; read-only."""
+        return _read_only(self._sizes_wh)
+
+    def annotation_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The kept (non-crowd, non-empty) boxes of every image as flat read-only arrays.
+
+        Returns:
+            boxes [A, 4] float32 absolute xyxy before clamping, labels [A] int64, and offsets
+            [I + 1] int64: image ``i``'s boxes are rows ``offsets[i]:offsets[i + 1]``.
+        """
+        return _read_only(self._boxes), _read_only(self._labels), _read_only(self._offsets)
 
     def num_annotations(self, index: int) -> int:
         """Number of (non-crowd, non-empty) boxes of the index-th image."""

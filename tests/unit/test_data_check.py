@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``detrkit data check`` (detrkit/data/lint.py) and the start-up check in ``open_split``."""
+"""``detrkit data check`` (detrkit/data/lint/) and the start-up check in ``open_split``."""
 
 from __future__ import annotations
 
