@@ -93,6 +93,8 @@ class EncoderMemory:
         spatial_shapes: [L, 2] int64, (H_l, W_l) of every level.
         level_start: [L] int64, offset of every level in S.
         valid_ratios: [B, L, 2] float, (w, h) valid fraction of every level.
+        image_sizes: [B, 2] int64, (h, w) of each input image before padding, in pixels (set by
+            the detector; SMCA places its spatial prior with it), or None.
     """
 
     tokens: Tensor
@@ -101,6 +103,7 @@ class EncoderMemory:
     spatial_shapes: Tensor
     level_start: Tensor
     valid_ratios: Tensor
+    image_sizes: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -238,11 +241,14 @@ class Detections:
         boxes_xyxy: [N, 4] absolute (x1, y1, x2, y2).
         scores: [N].
         labels: [N] int64 contiguous labels (mapped to category ids by the dataset's label map).
+        query_index: [N] int64, the query each detection comes from, or None where unknown
+            (e.g. after merging test-time augmentations).
     """
 
     boxes_xyxy: Tensor
     scores: Tensor
     labels: Tensor
+    query_index: Tensor | None = None
 
 
 @dataclass

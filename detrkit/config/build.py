@@ -4,22 +4,24 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from torch import Tensor, nn
 
+from detrkit.config.checks import validate_model_config
 from detrkit.config.schema import ExperimentConfig, ModelConfig
 from detrkit.errors import UserError
 from detrkit.layers.attention import CrossAttention, SelfAttention
 from detrkit.layers.deformable import DeformableCrossAttention
 from detrkit.layers.ffn import FFN
 from detrkit.layers.position import LearnedPositionEmbedding, SinePositionEmbedding
+from detrkit.layers.smca import GaussianCrossAttention
 from detrkit.losses.criterion import SetCriterion
 from detrkit.losses.terms import GIoUTerm, L1Term, SigmoidFocalTerm, SoftmaxCrossEntropyTerm
 from detrkit.matching.costs import FocalClassCost, SoftmaxClassCost
 from detrkit.matching.hungarian import HungarianAssigner
 from detrkit.matching.one_to_many import TopKQualityAssigner
-from detrkit.models.backbones import build_backbone, check_backbone_name
+from detrkit.models.backbones import build_backbone
 from detrkit.models.decoder import Decoder, DecoderLayer
 from detrkit.models.deformable_encoder import DeformableEncoder, DeformableEncoderLayer
 from detrkit.models.detector import QueryDetector
@@ -29,6 +31,7 @@ from detrkit.models.neck import ChannelMapper
 from detrkit.models.postprocess import SoftmaxPostprocess, TopKSigmoidPostprocess
 from detrkit.models.queries import LearnedQueries, LearnedQueriesWithReference
 from detrkit.models.refine import BoxRefiner
+from detrkit.models.smca_encoder import SmcaConvEncoder, SmcaConvEncoderLayer
 from detrkit.models.two_stage import TwoStageQuerySelector
 from detrkit.schemes.base import TrainingScheme
 from detrkit.schemes.hybrid import HybridMatching
@@ -60,8 +63,40 @@ def backbone_stages(cfg: ModelConfig) -> tuple[str, ...]:
     return ("c3", "c4", "c5")[-min(cfg.num_feature_levels, 3) :]
 
 
+def neck_strides(cfg: ModelConfig, backbone_strides: Mapping[str, int]) -> tuple[int, ...]:
+    """Stride in input pixels of every neck level: the backbone stages, then extra levels, each
+    of twice the previous stride."""
+    strides = [backbone_strides[stage] for stage in backbone_stages(cfg)]
+    while len(strides) < cfg.num_feature_levels:
+        strides.append(strides[-1] * 2)
+    return tuple(strides)
+
+
+def memory_strides(cfg: ModelConfig, level_strides: tuple[int, ...]) -> tuple[int, ...]:
+    """Stride of every level of the encoder's memory (SMCA's convolutional encoder replaces its
+    finest level by a stride-2 downsampling of it)."""
+    if cfg.encoder.attention == "smca_conv":
+        return (level_strides[0] * 2,) + level_strides[1:]
+    return level_strides
+
+
 def build_encoder(cfg: ModelConfig) -> nn.Module:
     enc, dim = cfg.encoder, cfg.hidden_dim
+    if enc.attention == "smca_conv":
+        levels = cfg.num_feature_levels
+        conv_layers = [
+            SmcaConvEncoderLayer(
+                dim,
+                enc.ffn_dim,
+                levels,
+                cfg.smca.encoder_kernel,
+                shared_cross_scale=cfg.smca.shared_cross_scale,
+                dropout=enc.dropout,
+                activation=enc.activation,
+            )
+            for _ in range(enc.num_layers)
+        ]
+        return SmcaConvEncoder(conv_layers, levels, dim)
     if enc.attention == "ms_deform":
         layers = [
             DeformableEncoderLayer(
@@ -75,7 +110,9 @@ def build_encoder(cfg: ModelConfig) -> nn.Module:
             )
             for _ in range(enc.num_layers)
         ]
-        return DeformableEncoder(layers, cfg.num_feature_levels, dim)
+        return DeformableEncoder(
+            layers, cfg.num_feature_levels, dim, checkpointing=enc.checkpointing
+        )
     layers = [
         EncoderLayer(
             dim,
@@ -87,25 +124,46 @@ def build_encoder(cfg: ModelConfig) -> nn.Module:
         )
         for _ in range(enc.num_layers)
     ]
-    return DetrEncoder(layers, nn.LayerNorm(dim) if enc.pre_norm else None)
+    final_norm = nn.LayerNorm(dim) if enc.pre_norm else None
+    return DetrEncoder(layers, final_norm, checkpointing=enc.checkpointing)
 
 
-def build_cross_attention(cfg: ModelConfig) -> nn.Module:
+def build_cross_attention(
+    cfg: ModelConfig, index: int = 0, memory_strides: tuple[int, ...] = ()
+) -> nn.Module:
+    """Layer ``index``'s cross-attention; ``memory_strides``: each memory level's stride."""
     dec = cfg.decoder
     if dec.attention == "ms_deform":
         return DeformableCrossAttention(
             cfg.hidden_dim, cfg.num_heads, cfg.num_feature_levels, dec.num_points
         )
+    if dec.attention == "smca":
+        smca = cfg.smca
+        return GaussianCrossAttention(
+            cfg.hidden_dim,
+            cfg.num_heads,
+            memory_strides,
+            dropout=dec.dropout,
+            scale=smca.scale,
+            smooth=smca.smooth,
+            predicts_reference=index == 0,
+            head_mixture=smca.head_mixture,
+            num_plain_queries=cfg.num_queries // 2 if smca.query_mixture else 0,
+            first_image_level_weights=smca.first_image_level_weights,
+        )
     return CrossAttention(cfg.hidden_dim, cfg.num_heads, dec.dropout)
 
 
-def build_decoder(cfg: ModelConfig, taps: tuple[str, ...] = ()) -> Decoder:
-    """The decoder; ``taps`` names the operations whose outputs the schemes read."""
+def build_decoder(
+    cfg: ModelConfig, taps: tuple[str, ...] = (), memory_strides: tuple[int, ...] = ()
+) -> Decoder:
+    """The decoder; ``taps`` names the operations whose outputs the schemes read;
+    ``memory_strides`` gives each memory level's stride in input pixels."""
     dec, dim = cfg.decoder, cfg.hidden_dim
     layers = [
         DecoderLayer(
             self_attn=SelfAttention(dim, cfg.num_heads, dec.dropout),
-            cross_attn=build_cross_attention(cfg),
+            cross_attn=build_cross_attention(cfg, index, memory_strides),
             ffn=FFN(dim, dec.ffn_dim, dec.dropout, dec.activation),
             dim=dim,
             dropout=dec.dropout,
@@ -113,11 +171,16 @@ def build_decoder(cfg: ModelConfig, taps: tuple[str, ...] = ()) -> Decoder:
             order=dec.order,
             taps=taps,
         )
-        for _ in range(dec.num_layers)
+        for index in range(dec.num_layers)
     ]
-    # DETR normalises every layer's output before its heads; Deformable DETR does not.
-    output_norm = nn.LayerNorm(dim) if dec.attention == "global" else None
-    return Decoder(layers, output_norm=output_norm, refiner=BoxRefiner(cfg.box_refine))
+    # DETR (and SMCA) normalise every layer's output before its heads; Deformable DETR does not.
+    output_norm = nn.LayerNorm(dim) if dec.attention in ("global", "smca") else None
+    return Decoder(
+        layers,
+        output_norm=output_norm,
+        refiner=BoxRefiner(cfg.box_refine),
+        checkpointing=dec.checkpointing,
+    )
 
 
 def build_queries(cfg: ModelConfig, num_logits_: int, num_extra: int = 0) -> nn.Module:
@@ -139,7 +202,9 @@ def build_head(cfg: ModelConfig, num_logits_: int) -> DetectionHead:
     head = DetectionHead(
         cfg.hidden_dim, num_logits_, cfg.decoder.num_layers, shared=cfg.box_refine == "none"
     )
-    if cfg.loss.class_loss == "sigmoid_focal":
+    if cfg.loss.class_loss == "sigmoid_focal" and cfg.decoder.attention == "smca":
+        head.init_class_prior()  # SMCA keeps DETR's box head initialisation
+    elif cfg.loss.class_loss == "sigmoid_focal":
         head.init_for_sigmoid(first_wh_bias=0.0 if cfg.queries.kind == "two_stage" else -2.0)
     return head
 
@@ -162,12 +227,13 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> QueryDetect
     schemes = build_schemes(cfg, head)
     num_extra = sum(scheme.extra_queries for scheme in schemes.values())
     taps = tuple(dict.fromkeys(t for scheme in schemes.values() for t in scheme.tap_points))
+    strides = memory_strides(cfg, neck_strides(cfg, backbone.strides))
     return QueryDetector(
         backbone=backbone,
         neck=neck,
         encoder=build_encoder(cfg),
         queries=build_queries(cfg, logits, num_extra),
-        decoder=build_decoder(cfg, taps),
+        decoder=build_decoder(cfg, taps, strides),
         head=head,
         num_queries=cfg.num_queries,
         schemes=schemes,
@@ -194,61 +260,6 @@ def build_schemes(cfg: ModelConfig, head: DetectionHead) -> dict[str, TrainingSc
             class_heads=copy.deepcopy(head.class_embed) if mixed.separate_class_heads else None,
         )
     return schemes
-
-
-def validate_model_config(cfg: ModelConfig) -> None:
-    """Reject combinations of parts that cannot work together, naming the keys to change."""
-    referenced = cfg.queries.kind != "learned"
-    if cfg.decoder.attention == "ms_deform" and not referenced:
-        raise UserError(
-            "model.decoder.attention=ms_deform needs reference points: set "
-            "model.queries.kind to learned_with_reference or two_stage"
-        )
-    if cfg.box_refine != "none" and not referenced:
-        raise UserError(
-            f"model.box_refine={cfg.box_refine} needs queries with reference boxes: "
-            "set model.queries.kind to learned_with_reference or two_stage"
-        )
-    if cfg.queries.mixed_selection and cfg.queries.kind != "two_stage":
-        raise UserError(
-            "model.queries.mixed_selection only applies to model.queries.kind=two_stage"
-        )
-    if cfg.queries.kind == "two_stage" and cfg.box_refine == "none":
-        raise UserError(
-            "two-stage queries need box refinement (the encoder proposal head is the "
-            "last of the per-layer heads): set model.box_refine=iterative"
-        )
-    check_backbone_name(cfg.backbone.name)
-    _validate_orders(cfg)
-    mixed = cfg.schemes.mixed
-    if mixed is not None and mixed.predict_from == "cross_attn":
-        if cfg.decoder.order[0] != "cross_attn":
-            raise UserError(
-                "model.schemes.mixed.predict_from=cross_attn (MS-DETR) supervises the state "
-                "right after cross-attention, which must come first: set "
-                "model.decoder.order=[cross_attn,self_attn,ffn], or predict from the layer "
-                "outputs with model.schemes.mixed.predict_from=layer_output (implementation (a))"
-            )
-    if cfg.nms_iou_threshold is not None and cfg.loss.class_loss != "sigmoid_focal":
-        raise UserError(
-            "model.nms_iou_threshold applies to sigmoid heads (model.loss.class_loss="
-            "sigmoid_focal); DETR's softmax postprocessing keeps one box per query"
-        )
-    if cfg.num_feature_levels < 1:
-        raise UserError("model.num_feature_levels must be at least 1")
-
-
-DECODER_OPS = ("self_attn", "cross_attn", "ffn")
-
-
-def _validate_orders(cfg: ModelConfig) -> None:
-    if sorted(cfg.decoder.order) != sorted(DECODER_OPS):
-        raise UserError(
-            f"model.decoder.order={list(cfg.decoder.order)} must list each of "
-            f"{', '.join(DECODER_OPS)} once, e.g. [self_attn,cross_attn,ffn]"
-        )
-    if tuple(cfg.encoder.order) != DECODER_OPS:
-        raise UserError("model.encoder.order is not used (the encoder has no cross-attention)")
 
 
 def build_criterion(

@@ -23,8 +23,8 @@ class BackboneConfig:
         weights: local path to ImageNet weights (torchvision or timm format), never downloaded.
         trainable: train the stages after ``frozen_stages``; False freezes everything, like
             ``--lr_backbone 0``.
-        frozen_stages: leading stages kept frozen: 1 = stem and layer1 (the originals), 0 = none
-            (training from scratch).
+        frozen_stages: leading stages kept frozen; None = the family's original: 1 for ResNet
+            (stem and layer1), 0 for Swin, CoaT and MPViT (everything trains).
         norm: "frozen_bn" (the originals, for pretrained weights) or "bn" (trainable
             BatchNorm, for backbones trained from scratch).
         drop_path_rate: stochastic depth of transformer backbones (Swin, CoaT, MPViT).
@@ -36,7 +36,7 @@ class BackboneConfig:
     dilation: bool = False
     weights: str | None = None
     trainable: bool = True
-    frozen_stages: int = 1
+    frozen_stages: int | None = None
     norm: Literal["frozen_bn", "bn"] = "frozen_bn"
     drop_path_rate: float = 0.0
     checkpointing: bool = False
@@ -70,7 +70,10 @@ class TransformerConfig:
         activation: FFN activation.
         attention: the attention over image features: the encoder's self-attention or the
             decoder's cross-attention. "global" = dense multi-head attention (DETR),
-            "ms_deform" = multi-scale deformable attention (Deformable DETR).
+            "ms_deform" = multi-scale deformable attention (Deformable DETR), "smca" (decoder
+            only) = dense cross-attention with SMCA's Gaussian spatial prior (options in
+            ``model.smca``), "smca_conv" (encoder only) = multi-scale SMCA's convolutional
+            intra/cross-scale encoder (no attention).
         num_points: sampling points per head and level of deformable attention
             (``--enc_n_points`` / ``--dec_n_points``).
         order: decoder only: the order of its residual operations (MS-DETR puts
@@ -84,7 +87,7 @@ class TransformerConfig:
     dropout: float = 0.1
     pre_norm: bool = False
     activation: Literal["relu", "gelu"] = "relu"
-    attention: Literal["global", "ms_deform"] = "global"
+    attention: Literal["global", "ms_deform", "smca", "smca_conv"] = "global"
     num_points: int = 4
     order: tuple[str, ...] = ("self_attn", "cross_attn", "ffn")
     checkpointing: bool = False
@@ -196,6 +199,46 @@ class MixedConfig:
 
 
 @dataclass(frozen=True)
+class SmcaConfig:
+    """SMCA-DETR's spatially modulated co-attention (spec C6); read when
+    ``model.decoder.attention=smca``.
+
+    Every decoder layer predicts, per query and head, a Gaussian-like log-prior around a centre
+    (the first layer's reference point plus a per-head offset) and adds it to the cross-attention
+    logits before the softmax.
+
+    Attributes:
+        scale: how each layer predicts the prior's width (``--dynamic_scale``): "none" = fixed
+            unit scale (type1), "isotropic" = one scale per head (type2), "per_axis" = an x and
+            a y scale per head (type3: the published models, hence the default; the original
+            flag defaults to type1), "covariance_like" = x, y and a weight of the product of
+            the squared x and y distances (type4).
+        smooth: the log-prior is -distance / smooth (``--smooth``).
+        head_mixture: only the first half of the heads are modulated, the others attend
+            plainly (``--head_mixture``).
+        query_mixture: the first half of the queries are unmodulated and predict boxes without
+            a reference point (``--query_mixture``).
+        encoder_kernel: multi-scale only (``model.encoder.attention=smca_conv``): the depthwise
+            kernel of the convolutional encoder (5 in the zip's ``transformer.py``, 7 in
+            ``transformer_44_dot_4.py``, the 44.4 AP model).
+        shared_cross_scale: multi-scale only: one down- and one up-sampling convolution shared by
+            every level pair (``transformer_44_dot_4.py``) instead of one per pair.
+        first_image_level_weights: multi-scale only: weight every image's levels by the *first*
+            image's per-level attention weights, reproducing the original's indexing bug (it is
+            harmless at one image per GPU, as the published command trains); False weighs each
+            image by its own.
+    """
+
+    scale: Literal["none", "isotropic", "per_axis", "covariance_like"] = "per_axis"
+    smooth: float = 8.0
+    head_mixture: bool = False
+    query_mixture: bool = False
+    encoder_kernel: int = 5
+    shared_cross_scale: bool = False
+    first_image_level_weights: bool = False
+
+
+@dataclass(frozen=True)
 class SchemesConfig:
     """Training-only supervision schemes; a section left null is off."""
 
@@ -221,6 +264,7 @@ class ModelConfig:
         nms_iou_threshold: sigmoid heads only: class-wise NMS at this IoU over the best 10 000
             (query, class) pairs before keeping ``top_k`` (MS-DETR's ``--nms_iou_threshold``);
             None = no NMS.
+        smca: options of SMCA's Gaussian-modulated cross-attention.
     """
 
     num_classes: int | None = None
@@ -239,6 +283,7 @@ class ModelConfig:
     top_k: int | None = None
     nms_iou_threshold: float | None = None
     schemes: SchemesConfig = field(default_factory=SchemesConfig)
+    smca: SmcaConfig = field(default_factory=SmcaConfig)
 
 
 @dataclass(frozen=True)

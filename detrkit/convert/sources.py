@@ -19,10 +19,19 @@ from detrkit.config.schema import (
     TrainConfig,
     TransformerConfig,
 )
+from detrkit.convert.coat import coat_config, coat_rules
 from detrkit.convert.deformable_detr import DEFORMABLE_SPLITS, deformable_config, deformable_rules
-from detrkit.convert.hdetr import hdetr_config
+from detrkit.convert.hdetr import hdetr_config, hdetr_rules
+from detrkit.convert.mpvit import mpvit_config, mpvit_rules
 from detrkit.convert.msdetr import impl_a_config, impl_a_rules, msdetr_config, msdetr_rules
 from detrkit.convert.rules import RenameRule, SplitRule
+from detrkit.convert.smca import (
+    DECODER_PRIOR_RULES,
+    MULTI_SCALE_RULES,
+    smca_config,
+    smca_multi_scale_config,
+    with_original_bugs,
+)
 from detrkit.errors import UserError
 
 _QKV = ("q_proj", "k_proj", "v_proj")
@@ -148,6 +157,31 @@ def _position_kind(value: str) -> str:
     return {"sine": "sine", "v2": "sine", "learned": "learned", "v3": "learned"}[value]
 
 
+def _smca_config(args: Mapping[str, Any]) -> ExperimentConfig:
+    """Single-scale SMCA: DETR plus the Gaussian-modulated decoder (spec C6.1)."""
+    return smca_config(detr_config(args), args)
+
+
+def _smca_ms_config(
+    kernel_size: int, shared: bool
+) -> Callable[[Mapping[str, Any]], ExperimentConfig]:
+    """Multi-scale SMCA of one of the zip's two encoder files (spec C6.2)."""
+    return lambda args: smca_multi_scale_config(
+        detr_config(args), args, kernel_size=kernel_size, shared_cross_scale=shared
+    )
+
+
+def _smca_ms_source(name: str, repo: str, kernel_size: int, shared: bool) -> SourceFormat:
+    return SourceFormat(
+        name,
+        (repo,),
+        lambda args: MULTI_SCALE_RULES + DECODER_PRIOR_RULES + DETR_RULES,
+        DETR_SPLITS,
+        _smca_ms_config(kernel_size, shared),
+        original_bugs=with_original_bugs,
+    )
+
+
 @dataclass(frozen=True)
 class SourceFormat:
     """How to read one official repository's checkpoints.
@@ -158,6 +192,9 @@ class SourceFormat:
         rules_for: official ``args`` -> rename rules (head layouts depend on the options).
         splits: tensor-splitting rules.
         config_from_args: official ``args`` (a dict) -> ExperimentConfig.
+        original_bugs: turns a config from ``config_from_args`` into one that also reproduces
+            the original's known bugs (which detrkit fixes by default), or None when there are
+            none to reproduce. The golden cases record the originals, bugs included.
     """
 
     name: str
@@ -165,9 +202,19 @@ class SourceFormat:
     rules_for: Callable[[Mapping[str, Any]], tuple[RenameRule, ...]]
     splits: tuple[SplitRule, ...]
     config_from_args: Callable[[Mapping[str, Any]], ExperimentConfig]
+    original_bugs: Callable[[ExperimentConfig], ExperimentConfig] | None = None
 
 
 SOURCES: dict[str, SourceFormat] = {
+    "smca": SourceFormat(
+        "smca",
+        ("SMCA-DETR",),
+        lambda args: DECODER_PRIOR_RULES + DETR_RULES,
+        DETR_SPLITS,
+        _smca_config,
+    ),
+    "smca_ms": _smca_ms_source("smca_ms", "SMCA-DETR-ms", kernel_size=5, shared=False),
+    "smca_ms_k7": _smca_ms_source("smca_ms_k7", "SMCA-DETR-ms-k7", kernel_size=7, shared=True),
     "detr": SourceFormat("detr", ("detr",), lambda args: DETR_RULES, DETR_SPLITS, detr_config),
     "deformable_detr": SourceFormat(
         "deformable_detr",
@@ -181,7 +228,21 @@ SOURCES: dict[str, SourceFormat] = {
         "msdetr_impl_a", ("MS-DETR-impl_a",), impl_a_rules, DEFORMABLE_SPLITS, impl_a_config
     ),
     "hdetr": SourceFormat(
-        "hdetr", ("H-Deformable-DETR",), deformable_rules, DEFORMABLE_SPLITS, hdetr_config
+        "hdetr", ("H-Deformable-DETR",), hdetr_rules, DEFORMABLE_SPLITS, hdetr_config
+    ),
+    "coat_deformable_detr": SourceFormat(
+        "coat_deformable_detr",
+        ("CoaT-Deformable-DETR",),
+        coat_rules,
+        DEFORMABLE_SPLITS,
+        coat_config,
+    ),
+    "mpvit_deformable_detr": SourceFormat(
+        "mpvit_deformable_detr",
+        ("MPViT-deformable_detr",),
+        mpvit_rules,
+        DEFORMABLE_SPLITS,
+        mpvit_config,
     ),
 }
 

@@ -131,8 +131,13 @@ class Trainer:
     def _wrap(self, model: nn.Module) -> nn.Module:
         if not self.ctx.distributed:
             return model
-        ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        cuda = self.ctx.device.type == "cuda"
+        if cuda and self.cfg.model.backbone.norm == "bn":
+            # Trainable BatchNorm statistics over the global batch, as the originals' SyncBN
+            # (torch's SyncBatchNorm runs on CUDA only).
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            self.model = model
+        return DistributedDataParallel(model, device_ids=[self.ctx.device.index] if cuda else None)
 
     @property
     def sampler(self):

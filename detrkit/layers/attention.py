@@ -7,10 +7,16 @@ weight addressable by name; converters split official ``in_proj_weight`` rows (q
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrkit.structures import EncoderMemory
+
+# (q, k, v [B, H, L, d], attn_mask [B|1, H|1, Lq, Lk] bool (True = allowed) or float (added to
+# the logits) or None, dropout_p) -> [B, H, Lq, d]: the signature of scaled_dot_product_attention.
+AttentionKernel = Callable[[Tensor, Tensor, Tensor, "Tensor | None", float], Tensor]
 
 
 class MultiHeadAttention(nn.Module):
@@ -50,6 +56,8 @@ class MultiHeadAttention(nn.Module):
         value: Tensor,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
+        attn_bias: Tensor | None = None,
+        kernel: AttentionKernel | None = None,
     ) -> Tensor:
         """Attend ``query`` to ``key``/``value``.
 
@@ -59,6 +67,9 @@ class MultiHeadAttention(nn.Module):
             value: [B, Lk, D].
             key_padding_mask: [B, Lk] bool, True = ignore that key.
             attn_mask: [Lq, Lk] bool, True = blocked.
+            attn_bias: [B, H, Lq, Lk] float added to the scaled logits of the allowed keys
+                before the softmax (SMCA's spatial prior), or None.
+            kernel: the attention computation; None = ``scaled_dot_product_attention``.
 
         Returns:
             [B, Lq, D].
@@ -72,8 +83,13 @@ class MultiHeadAttention(nn.Module):
         if attn_mask is not None:
             blocked = attn_mask[None, None]
             allowed = ~blocked if allowed is None else allowed & ~blocked
+        mask = allowed
+        if attn_bias is not None:
+            # -inf on blocked keys first, the bias after: a finite bias cannot unblock a key.
+            mask = attn_bias if allowed is None else attn_bias.masked_fill(~allowed, float("-inf"))
         dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+        kernel = kernel or F.scaled_dot_product_attention
+        out = kernel(q, k, v, mask, dropout)
         batch, _, length, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
@@ -110,8 +126,10 @@ class CrossAttention(nn.Module):
         query_pos: Tensor | None,
         reference: Tensor | None,
         memory: EncoderMemory,
+        layer_input: Tensor | None = None,
     ) -> Tensor:
-        """query, query_pos: [B, Q, D]; ``reference`` is unused (global attention) -> [B, Q, D]."""
+        """query, query_pos: [B, Q, D] -> [B, Q, D]; ``reference`` and ``layer_input`` (the
+        decoder layer's input) are unused (global attention)."""
         q = query if query_pos is None else query + query_pos
         return self.attn(
             q, memory.tokens + memory.pos, memory.tokens, key_padding_mask=memory.padding_mask

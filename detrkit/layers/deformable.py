@@ -113,9 +113,15 @@ class DeformableCrossAttention(nn.Module):
         self.attn = MSDeformAttention(dim, num_heads, num_levels, num_points)
 
     def forward(
-        self, query: Tensor, query_pos: Tensor | None, reference: Tensor, memory: EncoderMemory
+        self,
+        query: Tensor,
+        query_pos: Tensor | None,
+        reference: Tensor,
+        memory: EncoderMemory,
+        layer_input: Tensor | None = None,
     ) -> Tensor:
-        """query, query_pos: [B, Q, D]; reference: [B, Q, 2|4] in valid-image coordinates."""
+        """query, query_pos: [B, Q, D]; reference: [B, Q, 2|4] in valid-image coordinates;
+        ``layer_input`` (the decoder layer's input) is unused."""
         ratios = memory.valid_ratios
         if reference.shape[-1] == 4:
             ratios = torch.cat((ratios, ratios), -1)

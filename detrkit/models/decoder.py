@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from detrkit.layers.ffn import FFN
+from detrkit.models.encoder import run_layer
 from detrkit.models.refine import BoxRefiner
 from detrkit.structures import DecoderOutput, EncoderMemory, QuerySet
 
@@ -24,7 +25,10 @@ class DecoderLayer(nn.Module):
 
     Args:
         self_attn: ``SelfAttention``-like module ``(x, pos, attn_mask=...)``.
-        cross_attn: module ``(query, query_pos, reference, memory) -> [B, Q, D]``.
+        cross_attn: module ``(query, query_pos, reference, memory, layer_input=) -> [B, Q, D]``;
+            ``layer_input`` is the layer's input, before any op (SMCA predicts its spatial prior
+            from it). A cross-attention with a ``predict_reference(content, pos)`` method
+            predicts the initial reference points when the queries bring none (SMCA).
         ffn: feed-forward block.
         dim: width D (for the norms).
         dropout: residual dropout.
@@ -64,9 +68,12 @@ class DecoderLayer(nn.Module):
         self_attn_mask: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """query, query_pos: [B, Q, D]; reference: [B, Q, 2|4] or None -> ([B, Q, D], taps)."""
+        layer_input = query
         ops = {
             "self_attn": lambda x: self.self_attn(x, query_pos, attn_mask=self_attn_mask),
-            "cross_attn": lambda x: self.cross_attn(x, query_pos, reference, memory),
+            "cross_attn": lambda x: self.cross_attn(
+                x, query_pos, reference, memory, layer_input=layer_input
+            ),
             "ffn": self.ffn,
         }
         taps = {}
@@ -80,6 +87,12 @@ class DecoderLayer(nn.Module):
                 taps[name] = query
         return query, taps
 
+    def predict_reference(self, content: Tensor, pos: Tensor | None) -> Tensor | None:
+        """[B, Q, 2] reference points predicted by the cross-attention from the layer's input
+        queries (SMCA's first layer), or None when it predicts none."""
+        predict = getattr(self.cross_attn, "predict_reference", None)
+        return None if predict is None else predict(content, pos)
+
 
 class Decoder(nn.Module):
     """Runs the layers, updates references between them, and collects every layer's output.
@@ -88,6 +101,8 @@ class Decoder(nn.Module):
         layers: decoder layers.
         output_norm: LayerNorm applied to each layer's output *for prediction* (DETR), or None.
         refiner: reference update between layers (needs the head's box predictors at forward).
+        checkpointing: recompute each layer's activations in the backward pass (training only;
+            the refiner and output norm run outside the checkpointed region).
     """
 
     def __init__(
@@ -95,11 +110,13 @@ class Decoder(nn.Module):
         layers: Sequence[DecoderLayer],
         output_norm: nn.Module | None = None,
         refiner: BoxRefiner | None = None,
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.output_norm = output_norm
         self.refiner = refiner or BoxRefiner()
+        self.checkpointing = checkpointing
 
     def forward(
         self, queries: QuerySet, memory: EncoderMemory, head: DetectionHead | None = None
@@ -117,9 +134,15 @@ class Decoder(nn.Module):
         """
         hidden, tap_lists = [], {}
         query, reference = queries.content, queries.reference
+        if reference is None:
+            # SMCA: the first layer predicts the references every layer then shares.
+            reference = self.layers[0].predict_reference(query, queries.pos)
         references = [] if reference is None else [reference]
+        checkpointing = self.checkpointing and self.training
         for index, layer in enumerate(self.layers):
-            query, taps = layer(query, queries.pos, reference, memory, queries.self_attn_mask)
+            query, taps = run_layer(
+                layer, checkpointing, query, queries.pos, reference, memory, queries.self_attn_mask
+            )
             hidden.append(query if self.output_norm is None else self.output_norm(query))
             for name, value in taps.items():
                 tap_lists.setdefault(name, []).append(value)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from detrkit.layers.deformable import MSDeformAttention
 from detrkit.layers.ffn import FFN
-from detrkit.models.encoder import flatten_levels
+from detrkit.models.encoder import flatten_levels, run_layer
 from detrkit.structures import EncoderMemory, FeatureLevel
 
 
@@ -87,11 +87,19 @@ class DeformableEncoder(nn.Module):
         layers: encoder layers.
         num_levels: feature levels L.
         dim: width D.
+        checkpointing: recompute each layer's activations in the backward pass (training only).
     """
 
-    def __init__(self, layers: Sequence[DeformableEncoderLayer], num_levels: int, dim: int):
+    def __init__(
+        self,
+        layers: Sequence[DeformableEncoderLayer],
+        num_levels: int,
+        dim: int,
+        checkpointing: bool = False,
+    ):
         super().__init__()
         self.layers = nn.ModuleList(layers)
+        self.checkpointing = checkpointing
         self.level_embed = nn.Parameter(torch.empty(num_levels, dim))
         nn.init.normal_(self.level_embed)
 
@@ -103,7 +111,8 @@ class DeformableEncoder(nn.Module):
         memory.pos = memory.pos + level_pos[None]
         reference = encoder_reference_points(memory.spatial_shapes, memory.valid_ratios)
         tokens = memory.tokens
+        checkpointing = self.checkpointing and self.training
         for layer in self.layers:
-            tokens = layer(tokens, memory.pos, reference, memory)
+            tokens = run_layer(layer, checkpointing, tokens, memory.pos, reference, memory)
         memory.tokens = tokens
         return memory

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from torch import nn
 
@@ -57,7 +58,7 @@ class QueryDetector(nn.Module):
             ``DetectorOutput`` whose groups hold per-layer logits and cxcywh boxes.
         """
         levels = self.neck(self.backbone(images.pixels), images.padding_mask)
-        memory = self.encoder(levels)
+        memory = replace(self.encoder(levels), image_sizes=images.sizes)
         schemes = list(self.schemes.values()) if self.training else []
         num_extra = sum(s.extra_queries for s in schemes)
         queries, groups = self.queries(memory, self.num_queries, num_extra)

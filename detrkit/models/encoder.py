@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from detrkit.layers.attention import SelfAttention
 from detrkit.layers.ffn import FFN
@@ -30,6 +31,17 @@ def valid_ratio(padding_mask: Tensor) -> Tensor:
     valid_h = (~padding_mask[:, :, 0]).sum(1)
     valid_w = (~padding_mask[:, 0, :]).sum(1)
     return torch.stack((valid_w.float() / width, valid_h.float() / height), dim=-1)
+
+
+def run_layer(layer: nn.Module, checkpointing: bool, *args):
+    """``layer(*args)``, under gradient checkpointing when asked and gradients are recorded.
+
+    Non-reentrant checkpointing accepts any arguments and outputs (dataclasses, dicts) and
+    replays dropout with the same random state, so results and gradients are unchanged.
+    """
+    if checkpointing and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
 
 
 class EncoderLayer(nn.Module):
@@ -71,19 +83,28 @@ class DetrEncoder(nn.Module):
     Args:
         layers: the encoder layers.
         final_norm: LayerNorm applied to the output (pre-norm models), or None.
+        checkpointing: recompute each layer's activations in the backward pass (training only).
     """
 
-    def __init__(self, layers: Sequence[EncoderLayer], final_norm: nn.Module | None = None):
+    def __init__(
+        self,
+        layers: Sequence[EncoderLayer],
+        final_norm: nn.Module | None = None,
+        checkpointing: bool = False,
+    ):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.final_norm = final_norm
+        self.checkpointing = checkpointing
 
     def forward(self, levels: Sequence[FeatureLevel]) -> EncoderMemory:
         """levels: projected feature levels with masks and positions -> encoded memory."""
         memory = flatten_levels(levels)
         tokens = memory.tokens
         for layer in self.layers:
-            tokens = layer(tokens, memory.pos, memory.padding_mask)
+            tokens = run_layer(
+                layer, self.checkpointing and self.training, tokens, memory.pos, memory.padding_mask
+            )
         if self.final_norm is not None:
             tokens = self.final_norm(tokens)
         memory.tokens = tokens

@@ -34,11 +34,16 @@ class DetectionHead(nn.Module):
         self.class_embed = nn.ModuleList(nn.Linear(dim, num_logits) for _ in range(count))
         self.bbox_embed = nn.ModuleList(MLP(dim, dim, 4, _BOX_MLP_LAYERS) for _ in range(count))
 
+    def init_class_prior(self, prior_prob: float = PRIOR_PROB) -> None:
+        """Every class bias at the focal prior: each class starts with probability
+        ``prior_prob``, so the many negatives do not swamp the first steps' focal loss."""
+        for head in self.class_embed:
+            nn.init.constant_(head.bias, -math.log((1 - prior_prob) / prior_prob))
+
     def init_for_sigmoid(self, prior_prob: float = PRIOR_PROB, first_wh_bias: float = -2.0) -> None:
         """Deformable-family initialisation (spec E15): every class bias at the focal prior, box
         heads predicting zero offsets, and the first box head's (w, h) bias at ``first_wh_bias``."""
-        for head in self.class_embed:
-            nn.init.constant_(head.bias, -math.log((1 - prior_prob) / prior_prob))
+        self.init_class_prior(prior_prob)
         for index, head in enumerate(self.bbox_embed):
             nn.init.zeros_(head.layers[-1].weight)
             nn.init.zeros_(head.layers[-1].bias)

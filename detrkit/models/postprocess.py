@@ -27,7 +27,8 @@ class SoftmaxPostprocess(nn.Module):
         probs = predictions.logits[-1].softmax(-1)
         scores, labels = probs[..., :-1].max(-1)
         boxes = _scale_boxes(predictions.boxes[-1], image_sizes)
-        return [Detections(b, s, lab) for s, lab, b in zip(scores, labels, boxes)]
+        queries = torch.arange(scores.shape[1], device=scores.device)
+        return [Detections(b, s, lab, queries) for s, lab, b in zip(scores, labels, boxes)]
 
 
 # MS-DETR's NMS looks at this many best (query, class) pairs (spec C4.5).
@@ -59,7 +60,9 @@ class TopKSigmoidPostprocess(nn.Module):
         labels = flat_index % num_classes
         boxes = _scale_boxes(predictions.boxes[-1], image_sizes)
         boxes = torch.gather(boxes, 1, query_index[..., None].expand(-1, -1, 4))
-        detections = [Detections(b, s, lab) for s, lab, b in zip(scores, labels, boxes)]
+        detections = [
+            Detections(b, s, lab, q) for s, lab, b, q in zip(scores, labels, boxes, query_index)
+        ]
         if self.nms_iou_threshold is not None:
             detections = [self._nms(d) for d in detections]
         return detections
@@ -68,4 +71,6 @@ class TopKSigmoidPostprocess(nn.Module):
         """Class-wise NMS, then the ``top_k`` best survivors (by score, descending)."""
         kept = batched_nms(found.boxes_xyxy, found.scores, found.labels, self.nms_iou_threshold)
         kept = kept[: self.top_k]
-        return Detections(found.boxes_xyxy[kept], found.scores[kept], found.labels[kept])
+        return Detections(
+            found.boxes_xyxy[kept], found.scores[kept], found.labels[kept], found.query_index[kept]
+        )

@@ -54,6 +54,15 @@ def official_state_dict(spec: dict, directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _inputs_file(spec: dict) -> str:
+    """The case's inputs file: ``inputs`` names it, or describes it as a dict whose ``file``
+    starts with the path it was written to (the folder holds it under its base name)."""
+    inputs = spec.get("inputs", "inputs.safetensors")
+    if isinstance(inputs, dict):
+        return Path(inputs["file"].split()[0]).name
+    return inputs
+
+
 @dataclass
 class GoldenCase:
     """One recorded case with its detrkit model built and loaded."""
@@ -74,12 +83,15 @@ class GoldenCase:
         if case.source is None:
             return case
         case.tensors = load_file(str(path.with_suffix(".safetensors")))
-        case.inputs = load_file(str(path.parent / spec.get("inputs", "inputs.safetensors")))
+        case.inputs = load_file(str(path.parent / _inputs_file(spec)))
         try:
             case.config = case.source.config_from_args(spec["args"])
         except UserError as error:  # an option detrkit does not support (e.g. --masks)
             case.source, case.unsupported = None, str(error)
             return case
+        if case.source.original_bugs is not None:
+            # The cases record the originals as they are, including bugs detrkit fixes.
+            case.config = case.source.original_bugs(case.config)
         case.official_state = official_state_dict(spec, path.parent)
         case.conversion = convert_state_dict(
             case.official_state, case.source.rules_for(spec["args"]), case.source.splits
@@ -100,6 +112,10 @@ class GoldenCase:
         for i, image in enumerate(images):
             pixels[i, :, : image.shape[1], : image.shape[2]] = image
         sizes = torch.tensor([image.shape[1:] for image in images])
+        # What the original consumed besides the inputs file (SMCA reads each unpadded size).
+        recorded = [self.tensors.get(f"input.size.{i}") for i in range(len(images))]
+        if all(size is not None for size in recorded):
+            sizes = torch.stack(recorded)
         return ImageBatch(pixels, mask, sizes)
 
     def targets(self) -> list[Target]:
@@ -141,19 +157,38 @@ class GoldenCase:
         return pairs
 
     def postprocess_pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Our and the recorded detections of every image. Where the case records each
+        detection's ``flat_index`` (query * logits + class), both sides are put in flat-index
+        order first: a top-k's order is unspecified (SMCA takes an unsorted one) and near-ties
+        may swap, so detections are compared as sets keyed by that index."""
+        inference = self.eval_output.for_inference()
         postprocess = build_postprocess(self.config.model)
-        detections = postprocess(self.eval_output.for_inference(), self.inputs["orig_sizes"])
+        detections = postprocess(inference, self.inputs["orig_sizes"])
+        num_logits = inference.logits.shape[-1]
         pairs = {}
         for image, det in enumerate(detections):
+            prefix = f"eval.f32.post.{image}"
             ours = {"scores": det.scores, "labels": det.labels, "boxes": det.boxes_xyxy}
+            recorded = {key: self.tensors.get(f"{prefix}.{key}") for key in ours}
+            flat_index = self.tensors.get(f"{prefix}.flat_index")
+            if flat_index is not None and det.query_index is not None:
+                our_index = det.query_index * num_logits + det.labels
+                pairs[f"{prefix}.flat_index"] = (our_index.sort().values, flat_index.sort().values)
+                ours = {k: v[our_index.argsort()] for k, v in ours.items()}
+                recorded = {
+                    k: None if v is None else v[flat_index.argsort()] for k, v in recorded.items()
+                }
             for key, value in ours.items():
-                name = f"eval.f32.post.{image}.{key}"
-                if name in self.tensors:
-                    pairs[name] = (value, self.tensors[name])
+                if recorded[key] is not None:
+                    # Some originals store labels as floats (multi-scale SMCA).
+                    pairs[f"{prefix}.{key}"] = (value.to(recorded[key].dtype), recorded[key])
         return pairs
 
     @functools.cached_property
     def _train(self):
+        # A training forward updates trainable BatchNorm statistics: record eval outputs first,
+        # whatever order the tests run in.
+        _ = self.eval_output
         self.model.train()
         criterion = build_criterion(self.config.model)
         output = self.model(self.batch(), self.targets())

@@ -1,7 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """Backbone families; importing a module registers its names (see ``registry``)."""
 
-from detrkit.models.backbones import resnet  # noqa: F401  (registers resnet18/34/50/101)
+from detrkit.models.backbones import (
+    coat,  # noqa: F401  (registers coat_lite_tiny/mini/small/medium, coat_tiny/mini/small)
+    mpvit,  # noqa: F401  (registers mpvit_tiny/xsmall/small/base)
+    resnet,  # noqa: F401  (registers resnet18/34/50/101)
+    swin,  # noqa: F401  (registers swin_tiny/small/base/large)
+)
 from detrkit.models.backbones.registry import (
     backbone_names,
     build_backbone,

@@ -57,6 +57,11 @@ def check_backbone_name(name: str) -> None:
     )
 
 
+def resolved_frozen_stages(cfg: BackboneConfig, family_default: int) -> int:
+    """``cfg.frozen_stages``, or the family's original setting when it is None."""
+    return family_default if cfg.frozen_stages is None else cfg.frozen_stages
+
+
 def build_backbone(cfg: BackboneConfig, stages: Sequence[str]) -> nn.Module:
     """The backbone ``cfg.name`` returning ``stages``, with ``cfg.weights`` loaded if set."""
     check_backbone_name(cfg.name)

@@ -10,11 +10,13 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.ops import FrozenBatchNorm2d
 
 from detrkit.config.schema import BackboneConfig
 from detrkit.errors import UserError
-from detrkit.models.backbones.registry import register
+from detrkit.models.backbones.registry import register, resolved_frozen_stages
+from detrkit.models.backbones.weights import read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ class ResNetBackbone(nn.Module):
         trainable: train the stages after ``frozen_stages``; False freezes every parameter.
         frozen_stages: 1 freezes the stem and layer1 (the originals), 0 trains everything.
         norm: "frozen_bn" or "bn" (trainable BatchNorm, for training from scratch).
+        checkpointing: recompute each of layer1..4's activations in the backward pass (training
+            only; needs frozen BatchNorm, whose recomputation changes no statistics).
 
     Attributes:
         out_channels: stage -> channels, known before the first forward.
@@ -55,10 +59,18 @@ class ResNetBackbone(nn.Module):
         trainable: bool = True,
         frozen_stages: int = 1,
         norm: str = "frozen_bn",
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if dilation and name in ("resnet18", "resnet34"):
             raise UserError(f"model.backbone.dilation (DC5) needs a bottleneck ResNet, not {name}")
+        if checkpointing and norm == "bn":
+            # The recomputed forward would update the running statistics a second time.
+            raise UserError(
+                "model.backbone.checkpointing needs model.backbone.norm=frozen_bn: recomputing "
+                "trainable BatchNorm would update its running statistics twice"
+            )
+        self.checkpointing = checkpointing
         net = getattr(torchvision.models, name)(
             weights=None,
             norm_layer=_NORMS[norm],
@@ -86,8 +98,9 @@ class ResNetBackbone(nn.Module):
         """pixels: [B, 3, H, W] -> {stage: [B, C_s, H / stride_s, W / stride_s]}."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(pixels))))
         outputs = {}
+        recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for stage, layer in zip(_STAGES, (self.layer1, self.layer2, self.layer3, self.layer4)):
-            x = layer(x)
+            x = checkpoint(layer, x, use_reentrant=False) if recompute else layer(x)
             if stage in self.return_stages:
                 outputs[stage] = x
         return outputs
@@ -97,7 +110,7 @@ class ResNetBackbone(nn.Module):
 
         The classifier (``fc.*``) is dropped; anything else unmatched is an error naming the keys.
         """
-        state = _read_state_dict(Path(path))
+        state = read_state_dict(Path(path))
         state = {_strip_prefix(k): v for k, v in state.items()}
         state = {
             k: v
@@ -125,23 +138,6 @@ def _strip_prefix(key: str) -> str:
     return key
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise UserError(f"backbone weights {path} not found; set model.backbone.weights to a file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(f"cannot read backbone weights {path}: {error}") from error
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return state
-
-
 @register("resnet18", "resnet34", "resnet50", "resnet101")
 def build_resnet(cfg: BackboneConfig, stages: Sequence[str]) -> ResNetBackbone:
     return ResNetBackbone(
@@ -149,6 +145,7 @@ def build_resnet(cfg: BackboneConfig, stages: Sequence[str]) -> ResNetBackbone:
         return_stages=stages,
         dilation=cfg.dilation,
         trainable=cfg.trainable,
-        frozen_stages=cfg.frozen_stages,
+        frozen_stages=resolved_frozen_stages(cfg, family_default=1),
         norm=cfg.norm,
+        checkpointing=cfg.checkpointing,
     )

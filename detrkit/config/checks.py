@@ -1,0 +1,101 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Model config checks: combinations of parts that cannot work together are refused before
+anything is built, with a message naming the keys to change."""
+
+from __future__ import annotations
+
+from detrkit.config.schema import ModelConfig, SmcaConfig
+from detrkit.errors import UserError
+from detrkit.models.backbones import check_backbone_name
+
+
+def validate_model_config(cfg: ModelConfig) -> None:
+    """Reject combinations of parts that cannot work together, naming the keys to change."""
+    _validate_smca(cfg)
+    referenced = cfg.queries.kind != "learned"
+    if cfg.decoder.attention == "ms_deform" and not referenced:
+        raise UserError(
+            "model.decoder.attention=ms_deform needs reference points: set "
+            "model.queries.kind to learned_with_reference or two_stage"
+        )
+    if cfg.box_refine != "none" and not referenced:
+        raise UserError(
+            f"model.box_refine={cfg.box_refine} needs queries with reference boxes: "
+            "set model.queries.kind to learned_with_reference or two_stage"
+        )
+    if cfg.queries.mixed_selection and cfg.queries.kind != "two_stage":
+        raise UserError(
+            "model.queries.mixed_selection only applies to model.queries.kind=two_stage"
+        )
+    if cfg.queries.kind == "two_stage" and cfg.box_refine == "none":
+        raise UserError(
+            "two-stage queries need box refinement (the encoder proposal head is the "
+            "last of the per-layer heads): set model.box_refine=iterative"
+        )
+    check_backbone_name(cfg.backbone.name)
+    _validate_orders(cfg)
+    mixed = cfg.schemes.mixed
+    if mixed is not None and mixed.predict_from == "cross_attn":
+        if cfg.decoder.order[0] != "cross_attn":
+            raise UserError(
+                "model.schemes.mixed.predict_from=cross_attn (MS-DETR) supervises the state "
+                "right after cross-attention, which must come first: set "
+                "model.decoder.order=[cross_attn,self_attn,ffn], or predict from the layer "
+                "outputs with model.schemes.mixed.predict_from=layer_output (implementation (a))"
+            )
+    if cfg.nms_iou_threshold is not None and cfg.loss.class_loss != "sigmoid_focal":
+        raise UserError(
+            "model.nms_iou_threshold applies to sigmoid heads (model.loss.class_loss="
+            "sigmoid_focal); DETR's softmax postprocessing keeps one box per query"
+        )
+    if cfg.num_feature_levels < 1:
+        raise UserError("model.num_feature_levels must be at least 1")
+
+
+DECODER_OPS = ("self_attn", "cross_attn", "ffn")
+
+
+def _validate_smca(cfg: ModelConfig) -> None:
+    """SMCA's attention values sit on the right stack, and its options apply."""
+    if cfg.encoder.attention == "smca" or cfg.decoder.attention == "smca_conv":
+        raise UserError(
+            "SMCA's cross-attention is model.decoder.attention=smca and multi-scale SMCA's "
+            "convolutional encoder model.encoder.attention=smca_conv, not the other way round"
+        )
+    if cfg.decoder.attention != "smca":
+        if cfg.smca != SmcaConfig() or cfg.encoder.attention == "smca_conv":
+            raise UserError(
+                "model.smca and model.encoder.attention=smca_conv configure SMCA: set "
+                "model.decoder.attention=smca, or leave them at their defaults"
+            )
+        return
+    if cfg.queries.kind != "learned" or cfg.box_refine != "none":
+        raise UserError(
+            "model.decoder.attention=smca predicts its reference points in the first decoder "
+            "layer and keeps them: set model.queries.kind=learned and model.box_refine=none"
+        )
+    if cfg.encoder.attention == "smca_conv" and cfg.num_feature_levels < 2:
+        raise UserError(
+            "model.encoder.attention=smca_conv mixes feature levels: set "
+            "model.num_feature_levels to at least 2 (4 in multi-scale SMCA)"
+        )
+    if cfg.smca.encoder_kernel < 1 or cfg.smca.encoder_kernel % 2 == 0:
+        raise UserError(f"model.smca.encoder_kernel={cfg.smca.encoder_kernel} must be odd")
+    if cfg.smca.smooth <= 0:
+        raise UserError(f"model.smca.smooth={cfg.smca.smooth} must be positive")
+    if cfg.smca.query_mixture and cfg.schemes.hybrid is not None:
+        raise UserError(
+            "model.smca.query_mixture splits the inference queries into an unmodulated and a "
+            "modulated half; the hybrid one-to-many queries (model.schemes.hybrid) have no such "
+            "split: turn one of them off"
+        )
+
+
+def _validate_orders(cfg: ModelConfig) -> None:
+    if sorted(cfg.decoder.order) != sorted(DECODER_OPS):
+        raise UserError(
+            f"model.decoder.order={list(cfg.decoder.order)} must list each of "
+            f"{', '.join(DECODER_OPS)} once, e.g. [self_attn,cross_attn,ffn]"
+        )
+    if tuple(cfg.encoder.order) != DECODER_OPS:
+        raise UserError("model.encoder.order is not used (the encoder has no cross-attention)")
