@@ -211,7 +211,14 @@ def test_open_split_startup_check(root, caplog):
     with caplog.at_level(logging.WARNING, logger="detrkit.data.lint"):
         dataset = open_split(DataConfig(root=str(root)), "train", train=False)
     assert len(dataset) == 8
-    assert [r.getMessage().count("1 empty_image") for r in caplog.records] == [1]
+    assert not caplog.records  # an empty image is an ordinary negative: no start-up warning
+    coco = json.loads((root / "annotations" / "instances_train.json").read_text())
+    coco["annotations"][0]["bbox"][2] = 1_000.0  # one box reaching far beyond its image
+    (root / "annotations" / "instances_train.json").write_text(json.dumps(coco))
+    with caplog.at_level(logging.WARNING, logger="detrkit.data.lint"):
+        open_split(DataConfig(root=str(root)), "train", train=False)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("1 box_outside_image" in m for m in messages) == 1, messages
     (root / "train" / "000003.png").unlink()
     with pytest.raises(UserError, match="1 missing_image .*000003.png.*detrkit data check"):
         open_split(DataConfig(root=str(root)), "train", train=False)

@@ -3,7 +3,7 @@
 
 ``startup_check`` works on the arrays an opened ``CocoDetection`` already holds, so the
 annotation file is not parsed twice and no image is opened: missing image files (one directory
-listing per folder), boxes outside their image and empty images. Missing files stop the run (it
+listing per folder) and boxes outside their image. Missing files stop the run (it
 would crash mid-epoch); the rest, a systematic ``box_outside_image`` included, is one warning
 line, so a heuristic never blocks a dataset the loader reads. The loader itself has already
 refused unreadable or malformed files, duplicate image ids and unknown image or category ids; it
@@ -34,13 +34,16 @@ def check_command(root: Path | str) -> str:
 
 
 _STARTUP_BLOCKING = ("missing_image",)  # would crash mid-epoch; the loader handles the rest
+# Images without objects are ordinary negatives (COCO train has about a thousand): not worth a
+# warning at every start; ``detrkit data check`` still counts them.
+_STARTUP_QUIET = ("empty_image",)
 
 
 def startup_check(dataset: CocoDetection, root: Path | str) -> None:
     """The fast part of ``check_dataset`` on an opened dataset, before training or evaluation.
 
     Uses the arrays ``dataset`` already holds (no JSON re-read, no image opened): missing image
-    files, boxes outside their image, empty images (the loader logged the boxes it dropped).
+    files and boxes outside their image (the loader logged the boxes it dropped).
 
     Raises:
         UserError: image files are missing; one line naming the annotation file and pointing
@@ -58,7 +61,7 @@ def startup_check(dataset: CocoDetection, root: Path | str) -> None:
     rows = np.repeat(np.arange(len(names)), np.diff(offsets))
     extent_findings(boxes_xyxy, rows, sizes_wh, col, lambda k: names[rows[k]], names.__getitem__)
     blocking = [f for f in col.findings if f.code in _STARTUP_BLOCKING]
-    others = [f for f in col.findings if f.code not in _STARTUP_BLOCKING]
+    others = [f for f in col.findings if f.code not in _STARTUP_BLOCKING + _STARTUP_QUIET]
     if blocking:
         raise UserError(
             f"{dataset.coco_json}: {_one_line(blocking)}; run `{check_command(root)}` for the "
