@@ -33,4 +33,8 @@ def test_compiled_regions_match_eager_forward_and_backward():
         loss.backward()
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         if a.grad is not None:
-            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)
+            # Fused kernels reassociate sums: compare against each gradient's own scale (some,
+            # e.g. biases before a normalisation, are zero up to rounding).
+            scale = a.grad.abs().max().item()
+            error = (b.grad - a.grad).abs().max().item()
+            assert error <= 1e-3 * scale + 1e-7, (name, error, scale)
