@@ -262,6 +262,21 @@ def build_schemes(cfg: ModelConfig, head: DetectionHead) -> dict[str, TrainingSc
     return schemes
 
 
+def _encoder_group_weights(
+    cfg: ModelConfig, term_weights: dict[str, float]
+) -> dict[str, dict[str, float]]:
+    """{"enc": weights} when any encoder-proposal weight is set (MS-DETR), else {}."""
+    loss = cfg.loss
+    encoder = {
+        "cls": loss.encoder_class_weight,
+        "l1": loss.encoder_bbox_weight,
+        "giou": loss.encoder_giou_weight,
+    }
+    if all(value is None for value in encoder.values()):
+        return {}
+    return {"enc": {t: term_weights[t] if v is None else v for t, v in encoder.items()}}
+
+
 def build_criterion(
     cfg: ModelConfig,
     num_classes: int | None = None,
@@ -289,17 +304,7 @@ def build_criterion(
     )
     assigners = {"hungarian": hungarian, "hungarian_anchor": anchor_hungarian}
     term_weights = {"cls": loss.class_weight, "l1": loss.bbox_weight, "giou": loss.giou_weight}
-    group_weights = {}
-    encoder_weights = {
-        "cls": loss.encoder_class_weight,
-        "l1": loss.encoder_bbox_weight,
-        "giou": loss.encoder_giou_weight,
-    }
-    if any(value is not None for value in encoder_weights.values()):
-        group_weights["enc"] = {
-            term: term_weights[term] if value is None else value
-            for term, value in encoder_weights.items()
-        }
+    group_weights = _encoder_group_weights(cfg, term_weights)
     mixed = cfg.schemes.mixed
     if mixed is not None:
         assigners["topk_quality"] = TopKQualityAssigner(

@@ -28,7 +28,7 @@ from detrkit.models.backbones.mpvit_layers import (
     init_transformer_weights,
 )
 from detrkit.models.backbones.registry import register, resolved_frozen_stages
-from detrkit.models.backbones.weights import read_state_dict
+from detrkit.models.backbones.weights import load_checked, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -165,19 +165,7 @@ class MPViTBackbone(nn.Module):
         """
         state = {_strip_prefix(k): v for k, v in read_state_dict(Path(path)).items()}
         state = {k: v for k, v in state.items() if not _NOT_OURS.fullmatch(k)}
-        own = self.state_dict()
-        counter = "num_batches_tracked"  # absent from frozen BN; harmless either way
-        missing = [k for k in own if k not in state and not k.endswith(counter)]
-        unexpected = [k for k in state if k not in own and not k.endswith(counter)]
-        mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
-        if missing or unexpected or mismatched:
-            raise UserError(
-                f"{path} does not hold weights of this MPViT: missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}, wrong shape {mismatched[:3]}; "
-                "check model.backbone.name"
-            )
-        self.load_state_dict(state, strict=False)  # every key was checked above
-        logger.info("loaded backbone weights from %s (%d tensors)", path, len(state))
+        load_checked(self, state, path, "MPViT")
 
 
 def _stem(dim: int, norm: type[nn.Module]) -> nn.Sequential:

@@ -16,7 +16,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from detrkit.config.schema import BackboneConfig
 from detrkit.errors import UserError
 from detrkit.models.backbones.registry import register, resolved_frozen_stages
-from detrkit.models.backbones.weights import read_state_dict
+from detrkit.models.backbones.weights import load_checked, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -112,23 +112,8 @@ class ResNetBackbone(nn.Module):
         """
         state = read_state_dict(Path(path))
         state = {_strip_prefix(k): v for k, v in state.items()}
-        state = {
-            k: v
-            for k, v in state.items()
-            if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
-        }
-        own = self.state_dict()
-        missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-        unexpected = [k for k in state if k not in own]
-        mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
-        if missing or unexpected or mismatched:
-            raise UserError(
-                f"{path} does not hold weights of this ResNet: missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}, wrong shape {mismatched[:3]}; "
-                "check model.backbone.name"
-            )
-        self.load_state_dict(state, strict=False)  # every key was checked above
-        logger.info("loaded backbone weights from %s (%d tensors)", path, len(state))
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        load_checked(self, state, path, "ResNet")
 
 
 def _strip_prefix(key: str) -> str:
