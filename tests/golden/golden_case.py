@@ -10,10 +10,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from detrkit.config.build import build_criterion, build_model, build_postprocess
+from detrkit.config.schema import ExperimentConfig
 from detrkit.convert.official_names import official_loss, official_match_path, official_output
 from detrkit.convert.rules import ConversionResult, convert_state_dict
 from detrkit.convert.sources import SourceFormat, source_for_repo
@@ -227,3 +229,13 @@ class GoldenCase:
             )
             for i, (src, tgt) in enumerate(matches)
         ]
+
+
+def published_config(case: str, flags: dict) -> ExperimentConfig:
+    """The config the converter derives from the official defaults a golden case records
+    (its ``args``) with a published command's ``flags`` applied; skips without the case."""
+    path = GOLDEN_DIR / f"{case}.json"
+    if not path.is_file():
+        pytest.skip(f"golden case {path} not available (its args are the official defaults)")
+    spec = json.loads(path.read_text())
+    return source_for_repo(spec["repo"]).config_from_args(dict(spec["args"], **flags))

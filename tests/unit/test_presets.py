@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import pytest
@@ -11,9 +10,8 @@ import torch
 
 from detrkit.config.build import build_criterion, build_model, build_postprocess
 from detrkit.config.load import list_presets, load_config
-from detrkit.convert.sources import source_for_repo
 from detrkit.structures import ImageBatch, Target
-from tests.golden.golden_case import GOLDEN_DIR
+from tests.golden.golden_case import published_config
 
 TINY = [
     "model.hidden_dim=32",
@@ -107,11 +105,7 @@ PUBLISHED = [
 
 @pytest.mark.parametrize(("preset", "case", "flags"), PUBLISHED)
 def test_scheme_presets_equal_the_published_scripts(preset, case, flags):
-    path = GOLDEN_DIR / f"{case}.json"
-    if not path.is_file():
-        pytest.skip(f"golden case {path} not available (its args are the official defaults)")
-    spec = json.loads(path.read_text())
-    converted = source_for_repo(spec["repo"]).config_from_args(dict(spec["args"], **flags))
+    converted = published_config(case, flags)
     ours = load_config(preset)
     assert replace(converted.model, num_classes=None) == ours.model
     assert (converted.train.epochs, converted.train.lr_drop) == (

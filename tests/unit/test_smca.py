@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 from dataclasses import replace
 
@@ -17,7 +16,7 @@ from detrkit.cli.__main__ import main
 from detrkit.config.build import build_criterion, build_model, build_postprocess
 from detrkit.config.load import load_config
 from detrkit.config.schema import HybridConfig, MixedConfig, SchemesConfig, SmcaConfig
-from detrkit.convert.sources import SOURCES, source_for_repo
+from detrkit.convert.sources import SOURCES
 from detrkit.errors import UserError
 from detrkit.inference import load_model
 from detrkit.layers.attention import CrossAttention
@@ -29,7 +28,7 @@ from detrkit.layers.smca import (
 )
 from detrkit.models.encoder import valid_ratio
 from detrkit.structures import EncoderMemory, ImageBatch, Target
-from tests.golden.golden_case import GOLDEN_DIR, GoldenCase
+from tests.golden.golden_case import GOLDEN_DIR, GoldenCase, published_config
 
 DIM, HEADS = 16, 4
 
@@ -288,11 +287,7 @@ PUBLISHED = [
 
 @pytest.mark.parametrize(("preset", "case", "flags"), PUBLISHED)
 def test_presets_equal_the_published_commands(preset, case, flags):
-    path = GOLDEN_DIR / f"{case}.json"
-    if not path.is_file():
-        pytest.skip(f"golden case {path} not available (its args are the official defaults)")
-    spec = json.loads(path.read_text())
-    converted = source_for_repo(spec["repo"]).config_from_args(dict(spec["args"], **flags))
+    converted = published_config(case, flags)
     ours = load_config(preset)
     assert replace(converted.model, num_classes=None) == ours.model
     assert (converted.train.epochs, converted.train.lr_drop) == (
