@@ -13,7 +13,8 @@ same data, seed, schedule and number of epochs:
 * ``both``: hybrid + mixed.
 
 ``--arms detr smca`` trains the SMCA row next to DETR's: ``detr_tiny`` as is, and the same with
-SMCA's Gaussian-modulated cross-attention and focal classification/matching (spec C6), on the
+SMCA's Gaussian-modulated cross-attention and focal classification/matching
+(docs/methods.md#smca-detr), on the
 same data and budget. ``--arms one_to_one_cross_first`` adds a control outside the default
 four: one-to-one with the MS-DETR decoder order, which separates the effect of the order from
 that of the supervision.
@@ -88,7 +89,8 @@ ARMS: dict[str, tuple[str, ...]] = {
     "both": HYBRID + MIXED,
     "one_to_one_cross_first": CROSS_FIRST,
     # SMCA's row next to DETR's: the same tiny DETR with the Gaussian-modulated cross-attention
-    # and SMCA's focal classification and matching (spec C6), same data and budget.
+    # and SMCA's focal classification and matching (docs/methods.md#smca-detr), same data and
+    # budget.
     "detr": (),
     "smca": SMCA,
 }

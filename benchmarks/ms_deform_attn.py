@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Benchmark the multi-scale deformable attention implementations (reference vs fused).
 
-Shapes follow the spec's Deformable DETR setting: d = 256, 8 heads, 4 points, 4 levels of an
+Shapes follow the paper's Deformable DETR setting: d = 256, 8 heads, 4 points, 4 levels of an
 800 x 1066 input at strides 8, 16, 32, 64, i.e. levels (100, 134), (50, 67), (25, 34), (13, 17)
 and S = 17821 tokens. "encoder" uses every token as a query (Lq = S), "decoder" 300 queries.
 Inputs are realistic: sampling locations are reference points (token centres for the encoder,

@@ -298,7 +298,8 @@ def build_criterion(
         cost_giou=matcher.cost_giou,
     )
     anchor_matching = loss.encoder_matching == "anchors"
-    # MS-DETR matches proposals to boxes by their anchors alone: no class cost (spec C4.4).
+    # MS-DETR matches proposals to boxes by their anchors alone: no class cost
+    # (docs/methods.md#ms-detr-losses).
     anchor_hungarian = HungarianAssigner(
         class_cost, cost_class=0.0, cost_bbox=matcher.cost_bbox, cost_giou=matcher.cost_giou
     )

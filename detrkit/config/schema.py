@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Typed experiment configuration: frozen dataclasses validated from YAML and ``--set`` overrides.
 
-Every field has a default reproducing the original DETR code (spec C1); presets in
+Every field has a default reproducing the original DETR code (docs/methods.md#detr); presets in
 ``detrkit/configs`` change a few keys. ``config/load.py`` turns YAML into these objects and
 rejects unknown keys and wrong types; ``config/build.py`` is the only place they become modules.
 """
@@ -14,7 +14,7 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    """The image backbone (spec A4, C3, C7).
+    """The image backbone (docs/methods.md#resnet-backbone).
 
     Attributes:
         name: a registered backbone (``detrkit.models.backbones.backbone_names()``): resnet18,
@@ -44,7 +44,7 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class PositionConfig:
-    """2-D positional embedding of feature maps (spec A5).
+    """2-D positional embedding of feature maps (docs/methods.md#positional-encoding).
 
     Attributes:
         kind: "sine" (all released models) or "learned" (row/column embeddings).
@@ -111,7 +111,7 @@ class QueryConfig:
 
 @dataclass(frozen=True)
 class MatcherConfig:
-    """Hungarian matching costs (spec A7)."""
+    """Hungarian matching costs (docs/methods.md#hungarian-matching)."""
 
     cost_class: float = 1.0
     cost_bbox: float = 5.0
@@ -120,7 +120,7 @@ class MatcherConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Loss weights (spec A8).
+    """Loss weights (docs/methods.md#losses).
 
     Attributes:
         class_loss: "softmax_ce" = cross-entropy over C + 1 logits with a no-object class
@@ -150,7 +150,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class HybridConfig:
-    """H-DETR hybrid matching (spec C3).
+    """H-DETR hybrid matching (docs/methods.md#h-detr).
 
     Attributes:
         num_queries: extra one-to-many query slots in training (``--num_queries_one2many``).
@@ -165,7 +165,8 @@ class HybridConfig:
 
 @dataclass(frozen=True)
 class MixedConfig:
-    """MS-DETR mixed supervision (spec C4): one-to-many supervision of the primary queries.
+    """MS-DETR mixed supervision (docs/methods.md#ms-detr): one-to-many supervision of the primary
+    queries.
 
     Attributes:
         predict_from: where the one-to-many predictions read the decoder: "cross_attn" = each
@@ -200,7 +201,7 @@ class MixedConfig:
 
 @dataclass(frozen=True)
 class SmcaConfig:
-    """SMCA-DETR's spatially modulated co-attention (spec C6); read when
+    """SMCA-DETR's spatially modulated co-attention (docs/methods.md#smca-detr); read when
     ``model.decoder.attention=smca``.
 
     Every decoder layer predicts, per query and head, a Gaussian-like log-prior around a centre
@@ -288,7 +289,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """COCO-format data and the augmentation recipe (spec A2).
+    """COCO-format data and the augmentation recipe (docs/methods.md#augmentation).
 
     Attributes:
         root: dataset folder (``--data``); see the README for the layout.
@@ -326,7 +327,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and the training loop (spec A9).
+    """Optimisation and the training loop (docs/methods.md#optimisation).
 
     Attributes:
         lr_backbone: learning rate of backbone parameters (``model.backbone.trainable`` freezes).

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Official Deformable DETR with CoaT backbones (mlpc-ucsd/CoaT, tasks/Deformable-DETR; spec C7.2).
+"""Official Deformable DETR with CoaT backbones (mlpc-ucsd/CoaT, tasks/Deformable-DETR;
+docs/methods.md#mpvit-and-coat-coat).
 
 The detector is plain Deformable DETR; only the backbone differs: its parameters are stored under
 ``backbone.0.backbone.*`` with the original CoaT names, which are timm's (``body.*`` in detrkit).

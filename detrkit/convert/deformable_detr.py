@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Official Deformable DETR checkpoints (spec C2.4): key rules and the config from ``args``."""
+"""Official Deformable DETR checkpoints (docs/methods.md#deformable-detr-checkpoints): key rules
+and the config from ``args``."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ DEFORMABLE_BODY_RULES = (
     RenameRule(
         rf"{_DEC}\.self_attn\.out_proj\.{_WB}", r"decoder.layers.\1.self_attn.attn.out_proj.\2"
     ),
-    # Deformable DETR's norm1 follows cross-attention and norm2 self-attention (spec E23).
+    # Deformable DETR's norm1 follows cross-attention and norm2 self-attention
+    # (docs/methods.md#implementation-notes).
     RenameRule(rf"{_DEC}\.norm1\.{_WB}", r"decoder.layers.\1.cross_attn_norm.\2"),
     RenameRule(rf"{_DEC}\.norm2\.{_WB}", r"decoder.layers.\1.self_attn_norm.\2"),
     RenameRule(rf"{_DEC}\.norm3\.{_WB}", r"decoder.layers.\1.ffn_norm.\2"),
@@ -59,7 +61,8 @@ DEFORMABLE_BODY_RULES = (
         r"transformer\.(enc_output|enc_output_norm|pos_trans|pos_trans_norm)\.(weight|bias)",
         r"queries.\1.\2",
     ),
-    # The decoder's copies of the heads alias the top-level ones (spec C2.4).
+    # The decoder's copies of the heads alias the top-level ones
+    # (docs/methods.md#deformable-detr-checkpoints).
     RenameRule(r"transformer\.decoder\.(class_embed|bbox_embed)\..+", None),
     RenameRule(r".*(total_params|total_ops)", None),
 )
@@ -96,7 +99,8 @@ def deformable_rules(args: Mapping[str, Any]) -> tuple[RenameRule, ...]:
 
 
 def deformable_model_config(args: Mapping[str, Any], **changes) -> ModelConfig:
-    """The detrkit model equal to a Deformable-DETR-style run's ``args`` (spec C2.6)."""
+    """The detrkit model equal to a Deformable-DETR-style run's ``args``
+    (docs/methods.md#deformable-detr-flags)."""
     if args.get("masks"):
         raise UserError("segmentation checkpoints (--masks) are not supported")
     layer = dict(ffn_dim=args["dim_feedforward"], dropout=args["dropout"], attention="ms_deform")

@@ -23,7 +23,7 @@ from detrkit.convert.deformable_detr import (
 from detrkit.convert.rules import RenameRule
 from detrkit.convert.swin import is_swin, swin_rules
 
-# H-DETR's ``--drop_path_rate`` default (spec C3.6).
+# H-DETR's ``--drop_path_rate`` default (docs/methods.md#h-detr-flags).
 DEFAULT_DROP_PATH_RATE = 0.2
 
 
@@ -46,7 +46,7 @@ def hdetr_rules(args: Mapping[str, Any]) -> tuple[RenameRule, ...]:
 def hdetr_backbone(args: Mapping[str, Any]) -> BackboneConfig:
     """``--backbone`` (resnet50/101, swin_tiny/small/large/large_window12), ``--dilation``,
     ``--lr_backbone``; a Swin freezes nothing, keeps ``--drop_path_rate`` and always
-    checkpoints its blocks (spec C3.1)."""
+    checkpoints its blocks (docs/methods.md#h-detr-architecture)."""
     trainable = args["lr_backbone"] > 0
     if not is_swin(args):
         return BackboneConfig(name=args["backbone"], dilation=args["dilation"], trainable=trainable)
@@ -76,7 +76,8 @@ def hdetr_model_config(args: Mapping[str, Any]) -> ModelConfig:
 
 
 def hdetr_config(args: Mapping[str, Any]) -> ExperimentConfig:
-    """The detrkit config equal to an official H-DETR run's ``args`` (spec C3.6)."""
+    """The detrkit config equal to an official H-DETR run's ``args``
+    (docs/methods.md#h-detr-flags)."""
     args = dict(args, num_queries=args.get("num_queries_one2one", args.get("num_queries")))
     return ExperimentConfig(
         model=hdetr_model_config(args),

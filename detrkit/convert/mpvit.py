@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Official "Deformable DETR with MPViT" checkpoints (spec C7, C7.1).
+"""Official "Deformable DETR with MPViT" checkpoints (docs/methods.md#mpvit-and-coat).
 
 The repository copies Deformable DETR and only swaps the backbone, so the Deformable DETR rules
 and config apply; the MPViT parameters sit under ``backbone.0.backbone.*`` with detrkit's names.

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Official MS-DETR checkpoints: the root implementation and implementation (a) (spec C4)."""
+"""Official MS-DETR checkpoints: the root implementation and implementation (a)
+(docs/methods.md#ms-detr)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def msdetr_rules(args: Mapping[str, Any]) -> tuple[RenameRule, ...]:
 
 def impl_a_rules(args: Mapping[str, Any]) -> tuple[RenameRule, ...]:
     """Implementation (a): independent one-to-many class heads; its box heads alias
-    ``bbox_embed`` (spec C4.6). Without refinement the heads are one shared module."""
+    ``bbox_embed`` (docs/methods.md#ms-detr-checkpoints). Without refinement the heads are one
+    shared module."""
     heads = r"class_embed_o2m\.{}\.(weight|bias)"
     rules = [RenameRule(r"bbox_embed_o2m\..+", None)]
     if args.get("with_box_refine"):
@@ -93,10 +95,12 @@ def _config(args: Mapping[str, Any], *, impl_a: bool) -> ExperimentConfig:
 
 
 def msdetr_config(args: Mapping[str, Any]) -> ExperimentConfig:
-    """The detrkit config equal to an official MS-DETR (root) run's ``args`` (spec C4.8)."""
+    """The detrkit config equal to an official MS-DETR (root) run's ``args``
+    (docs/methods.md#ms-detr-flags)."""
     return _config(args, impl_a=False)
 
 
 def impl_a_config(args: Mapping[str, Any]) -> ExperimentConfig:
-    """The detrkit config equal to an MS-DETR implementation (a) run's ``args`` (spec C4.2)."""
+    """The detrkit config equal to an MS-DETR implementation (a) run's ``args``
+    (docs/methods.md#ms-detr-implementation-a)."""
     return _config(args, impl_a=True)

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Official SMCA-DETR checkpoints (spec C6.5): single-scale (repository root) and multi-scale
+"""Official SMCA-DETR checkpoints (docs/methods.md#smca-detr-checkpoints): single-scale (repository
+root) and multi-scale
 (``Multi_scale_SMCA.zip``, kernel-5 ``transformer.py`` and kernel-7 ``transformer_44_dot_4.py``).
 """
 
@@ -20,9 +21,11 @@ SCALE_MODES = {
     "type3": "per_axis",
     "type4": "covariance_like",
 }
-# SMCA's class loss weight is hard-coded (spec C6.3); ``--eos_coef`` is parsed but unused.
+# SMCA's class loss weight is hard-coded (docs/methods.md#smca-detr-training); ``--eos_coef`` is
+# parsed but unused.
 CLASS_WEIGHT = 2.0
-# Multi-scale SMCA keeps the best 500 (query, class) pairs per image (spec C6.4).
+# Multi-scale SMCA keeps the best 500 (query, class) pairs per image
+# (docs/methods.md#smca-detr-inference).
 MULTI_SCALE_TOP_K = 500
 
 _DEC = r"transformer\.decoder\.layers\.(\d+)"
@@ -52,7 +55,8 @@ def _focal_loss(loss: LossConfig) -> LossConfig:
 
 
 def smca_config(detr: ExperimentConfig, args: Mapping[str, Any]) -> ExperimentConfig:
-    """The detrkit config equal to an official single-scale SMCA run's ``args`` (spec C6.1),
+    """The detrkit config equal to an official single-scale SMCA run's ``args``
+    (docs/methods.md#smca-detr-single-scale),
     given ``detr``, the DETR config of the same ``args``: the Gaussian-modulated decoder, 92
     sigmoid logits (the 92nd is never a target but can be predicted, as in the original) and
     the top-``num_queries`` postprocessing."""
@@ -77,7 +81,8 @@ def smca_config(detr: ExperimentConfig, args: Mapping[str, Any]) -> ExperimentCo
 _ENC = r"transformer\.encoder\.layers\.(\d+)"
 _LEVEL_OF_STRIDE = {"8": "0", "16": "1", "32": "2", "64": "3"}
 # Multi-scale: the neck's projections, the convolutional encoder and the decoder memory's
-# downsampling (spec C6.5). Keys are named after ResNet-50's channels and strides whatever
+# downsampling (docs/methods.md#smca-detr-checkpoints). Keys are named after ResNet-50's channels
+# and strides whatever
 # the backbone.
 MULTI_SCALE_RULES = (
     RenameRule(r"input_proj_512\.(weight|bias)", r"neck.projections.0.0.\1"),
@@ -109,7 +114,8 @@ MULTI_SCALE_RULES = (
 def smca_multi_scale_config(
     detr: ExperimentConfig, args: Mapping[str, Any], *, kernel_size: int, shared_cross_scale: bool
 ) -> ExperimentConfig:
-    """The detrkit config equal to an official multi-scale SMCA run's ``args`` (spec C6.2) of the
+    """The detrkit config equal to an official multi-scale SMCA run's ``args``
+    (docs/methods.md#smca-detr-multi-scale) of the
     zip's ``transformer.py`` (kernel 5, one cross-scale convolution per level pair) or
     ``transformer_44_dot_4.py`` (kernel 7, shared), given the DETR config of the same ``args``.
 
@@ -118,7 +124,7 @@ def smca_multi_scale_config(
     if args.get("dynamic_scale", "type1") != "type3":
         raise UserError(
             "multi-scale SMCA runs only with --dynamic_scale type3 (the other types crash in the "
-            "original, spec C6.2)"
+            "original, docs/methods.md#smca-detr-multi-scale)"
         )
     model = detr.model
     options = _smca_options(

@@ -105,12 +105,12 @@ DETR_RULES = (
     RenameRule(r"transformer\.decoder\.norm\.(weight|bias)", r"decoder.output_norm.\1"),
 )
 
-# DETR's dataset_file -> number of class logits minus "no object" (spec C1.6).
+# DETR's dataset_file -> number of class logits minus "no object" (docs/methods.md#detr-flags).
 _DETR_NUM_CLASSES = {"coco": 91, "coco_panoptic": 250}
 
 
 def detr_config(args: Mapping[str, Any]) -> ExperimentConfig:
-    """The detrkit config equal to an official DETR run's ``args`` (spec C1.6)."""
+    """The detrkit config equal to an official DETR run's ``args`` (docs/methods.md#detr-flags)."""
     if args.get("masks"):
         raise UserError(
             "DETR segmentation checkpoints (--masks) are not supported; "
@@ -158,14 +158,16 @@ def _position_kind(value: str) -> str:
 
 
 def _smca_config(args: Mapping[str, Any]) -> ExperimentConfig:
-    """Single-scale SMCA: DETR plus the Gaussian-modulated decoder (spec C6.1)."""
+    """Single-scale SMCA: DETR plus the Gaussian-modulated decoder
+    (docs/methods.md#smca-detr-single-scale)."""
     return smca_config(detr_config(args), args)
 
 
 def _smca_ms_config(
     kernel_size: int, shared: bool
 ) -> Callable[[Mapping[str, Any]], ExperimentConfig]:
-    """Multi-scale SMCA of one of the zip's two encoder files (spec C6.2)."""
+    """Multi-scale SMCA of one of the zip's two encoder files
+    (docs/methods.md#smca-detr-multi-scale)."""
     return lambda args: smca_multi_scale_config(
         detr_config(args), args, kernel_size=kernel_size, shared_cross_scale=shared
     )

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Swin backbones inside official DETR-style checkpoints (H-DETR, spec C3.4).
+"""Swin backbones inside official DETR-style checkpoints (H-DETR,
+docs/methods.md#h-detr-checkpoints).
 
 The official detection Swin stores ``backbone.0.body.layers.{i}.downsample`` at the end of stage
 i; detrkit's Swin (timm's modules) keeps it at the start of stage i + 1. The relative position

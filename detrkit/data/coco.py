@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""COCO-format detection dataset -> (normalised image, ``Target``) (spec A1).
+"""COCO-format detection dataset -> (normalised image, ``Target``) (docs/methods.md#data-loading).
 
 The annotation file is validated when the dataset is built (JSON only, no image is opened):
 structural problems raise ``UserError`` naming the file and the entry at fault; empty or

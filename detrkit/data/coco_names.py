@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """COCO 2017 category names by category id, for checkpoints converted from the originals.
 
-The originals predict raw COCO category ids (1..90 with gaps, spec A10); detrkit gives their
+The originals predict raw COCO category ids (1..90 with gaps, docs/methods.md#coco-category-ids);
+detrkit gives their
 converted checkpoints an identity label map whose names come from here.
 """
 

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Batching images of different sizes into a padded ``ImageBatch`` (spec A3)."""
+"""Batching images of different sizes into a padded ``ImageBatch``
+(docs/methods.md#batching-and-padding)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""DETR's box-aware augmentation recipe (spec A2), reproduced draw for draw.
+"""DETR's box-aware augmentation recipe (docs/methods.md#augmentation), reproduced draw for draw.
 
 Every transform maps a ``DetectionSample`` to a new ``DetectionSample``. Geometry runs on the PIL
 image, with boxes held as ``tv_tensors.BoundingBoxes`` (XYXY, absolute pixels) so that
@@ -78,7 +78,7 @@ class DetectionSample:
 def resized_size(
     height: int, width: int, shorter: int, max_size: int | None = None
 ) -> tuple[int, int]:
-    """Output (h, w) of DETR's aspect-preserving resize (spec A2).
+    """Output (h, w) of DETR's aspect-preserving resize (docs/methods.md#augmentation).
 
     If ``max_size`` is given and the longer side would exceed it, the shorter side becomes
     ``int(round(max_size * min / max))``. An image whose shorter side already equals the target
@@ -157,7 +157,8 @@ class RandomHorizontalFlip:
 
 
 class RandomResize:
-    """Resize the shorter side to a size drawn with ``random.choice`` (spec A2 size rule)."""
+    """Resize the shorter side to a size drawn with ``random.choice`` (docs/methods.md#augmentation
+    size rule)."""
 
     def __init__(self, sizes: Sequence[int], max_size: int | None = None) -> None:
         if not sizes:
@@ -256,7 +257,7 @@ def denormalize(
 
 
 def build_train_transforms(cfg: DataConfig) -> Compose:
-    """DETR's training recipe (spec A2).
+    """DETR's training recipe (docs/methods.md#augmentation).
 
     flip(0.5) -> [p 0.5: RandomResize(train_scales, max_size)
                   else: RandomResize(crop_resize_scales) -> RandomSizeCrop(*crop_size)

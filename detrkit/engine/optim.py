@@ -154,7 +154,7 @@ def build_optimizer(
     train_cfg: TrainConfig,
     extra_rules: Sequence[ParamGroupRule] = (),
 ) -> torch.optim.AdamW:
-    """AdamW over ``model`` with DETR's groups (spec C1.2).
+    """AdamW over ``model`` with DETR's groups (docs/methods.md#detr-training).
 
     The backbone rule comes first, so every backbone parameter trains at exactly
     ``train_cfg.lr_backbone``; ``extra_rules`` (e.g. ``sampling_offsets`` at 0.1x) then apply

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Multi-scale deformable attention (spec B1-B2) and its encoder/decoder wrappers."""
+"""Multi-scale deformable attention (docs/methods.md#deformable-attention) and its encoder/decoder
+wrappers."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ class MSDeformAttention(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.sampling_offsets.weight)
-        # Head h starts looking along direction 2*pi*h/M, point p at distance p + 1 (spec B1).
+        # Head h starts looking along direction 2*pi*h/M, point p at distance p + 1
+        # (docs/methods.md#deformable-attention).
         angles = torch.arange(self.num_heads, dtype=torch.float32) * (
             2.0 * math.pi / self.num_heads
         )
@@ -83,7 +85,8 @@ class MSDeformAttention(nn.Module):
         shape = (batch, num_queries, self.num_heads, self.num_levels, self.num_points)
         offsets = self.sampling_offsets(query).view(*shape, 2)
         weights = self.attention_weights(query).view(*shape[:3], -1)
-        # One softmax over levels and points jointly, per head (spec E6).
+        # One softmax over levels and points jointly, per head
+        # (docs/methods.md#implementation-notes).
         weights = F.softmax(weights, -1).view(shape)
         locations = sampling_locations(reference, offsets, spatial_shapes, self.num_points)
         out = ms_deform_attn(value, spatial_shapes, level_start, locations, weights)
@@ -95,12 +98,14 @@ def sampling_locations(
 ) -> Tensor:
     """reference [B, Lq, L, 2|4] + offsets [B, Lq, M, L, P, 2] -> locations [B, Lq, M, L, P, 2]."""
     if reference.shape[-1] == 2:
-        # Offsets are in pixels of each level: x by its width, y by its height (spec E2).
+        # Offsets are in pixels of each level: x by its width, y by its height
+        # (docs/methods.md#implementation-notes).
         normaliser = torch.stack((spatial_shapes[..., 1], spatial_shapes[..., 0]), -1)
         return (
             reference[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
         )
-    # Box references: offsets scale with half the box size, shared by the P points (spec E4).
+    # Box references: offsets scale with half the box size, shared by the P points
+    # (docs/methods.md#implementation-notes).
     centre, size = reference[:, :, None, :, None, :2], reference[:, :, None, :, None, 2:]
     return centre + offsets / num_points * size * 0.5
 

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""2-D positional embeddings of feature maps (spec A5)."""
+"""2-D positional embeddings of feature maps (docs/methods.md#positional-encoding)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""SMCA's Gaussian-modulated cross-attention (spec C6.1, C6.2).
+"""SMCA's Gaussian-modulated cross-attention (docs/methods.md#smca-detr-single-scale).
 
 Every decoder layer predicts, per query and head, a centre (the first layer's reference point
 plus a per-head offset) and optionally per-head scales; the log-prior

@@ -154,7 +154,8 @@ class SetCriterion(nn.Module):
         terms, weights = {}, {}
         for group in output.groups:
             group_targets = self.group_targets(group, targets)
-            # H-DETR normalises the one-to-many group by its repeated target count (spec E16).
+            # H-DETR normalises the one-to-many group by its repeated target count
+            # (docs/methods.md#implementation-notes).
             num_boxes = self.num_boxes(group_targets, device)
             for layer in self.supervised_layers(group):
                 logits, boxes = group.logits[layer].float(), group.boxes[layer].float()

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Loss terms over matched (query, target) pairs (spec A8).
+"""Loss terms over matched (query, target) pairs (docs/methods.md#losses).
 
 Every term has the signature ``(logits [B, Q, C], boxes [B, Q, 4] cxcywh, targets, matches,
 num_boxes) -> scalar``; ``matches`` holds, per image, (query indices, target indices).

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Pairwise matching costs between predictions and targets (spec A7), per image of a batch."""
+"""Pairwise matching costs between predictions and targets (docs/methods.md#hungarian-matching),
+per image of a batch."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from detrkit.ops.boxes import batched_generalized_box_iou, box_cxcywh_to_xyxy
 
-# Inside the focal cost's logarithms (spec A7; mmdet uses 1e-12).
+# Inside the focal cost's logarithms (docs/methods.md#hungarian-matching; mmdet uses 1e-12).
 FOCAL_COST_EPS = 1e-8
 
 

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""One-to-many assignment by prediction quality (MS-DETR's Stage2Assigner, spec C4.3)."""
+"""One-to-many assignment by prediction quality (MS-DETR's Stage2Assigner,
+docs/methods.md#ms-detr-one-to-many-assigner)."""
 
 from __future__ import annotations
 

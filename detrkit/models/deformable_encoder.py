@@ -23,7 +23,7 @@ def encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Te
 
     Returns:
         [B, S, L, 2] (x, y): each token's centre in its own level's valid extent, then scaled
-        by every level's valid ratio (spec C2.1).
+        by every level's valid ratio (docs/methods.md#deformable-detr-architecture).
     """
     points = []
     for level, (height, width) in enumerate(spatial_shapes.tolist()):

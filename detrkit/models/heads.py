@@ -41,7 +41,8 @@ class DetectionHead(nn.Module):
             nn.init.constant_(head.bias, -math.log((1 - prior_prob) / prior_prob))
 
     def init_for_sigmoid(self, prior_prob: float = PRIOR_PROB, first_wh_bias: float = -2.0) -> None:
-        """Deformable-family initialisation (spec E15): every class bias at the focal prior, box
+        """Deformable-family initialisation (docs/methods.md#implementation-notes): every class
+        bias at the focal prior, box
         heads predicting zero offsets, and the first box head's (w, h) bias at ``first_wh_bias``."""
         self.init_class_prior(prior_prob)
         for index, head in enumerate(self.bbox_embed):

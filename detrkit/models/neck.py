@@ -24,7 +24,8 @@ class ChannelMapper(nn.Module):
         group_norm: follow every projection with GroupNorm(32, D) (Deformable family, whose convs
             also start from Xavier weights and zero bias).
         num_extra_levels: extra levels from 3x3 stride-2 convs; the first reads the *raw* last
-            backbone stage, the next ones the previous extra level (spec E28).
+            backbone stage, the next ones the previous extra level
+            (docs/methods.md#implementation-notes).
     """
 
     def __init__(

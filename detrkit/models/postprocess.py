@@ -31,7 +31,7 @@ class SoftmaxPostprocess(nn.Module):
         return [Detections(b, s, lab, queries) for s, lab, b in zip(scores, labels, boxes)]
 
 
-# MS-DETR's NMS looks at this many best (query, class) pairs (spec C4.5).
+# MS-DETR's NMS looks at this many best (query, class) pairs (docs/methods.md#ms-detr-inference).
 NMS_CANDIDATES = 10_000
 
 

@@ -57,7 +57,8 @@ class LearnedQueriesWithReference(nn.Module):
     def forward(
         self, memory: EncoderMemory, num_queries: int, num_extra: int = 0
     ) -> tuple[QuerySet, list[PredictionGroup]]:
-        """``num_queries + num_extra`` slots with 2-d references (not detached, spec E11)."""
+        """``num_queries + num_extra`` slots with 2-d references (not detached,
+        docs/methods.md#implementation-notes)."""
         total = _check_slots(num_queries + num_extra, self.query_embed.num_embeddings)
         batch = memory.tokens.shape[0]
         pos, content = self.query_embed.weight[:total].split(self.reference_points.in_features, 1)

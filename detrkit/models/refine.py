@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""How decoder layers update their reference boxes (spec C2.1, C3.1, E11-E13)."""
+"""How decoder layers update their reference boxes
+(docs/methods.md#deformable-detr-architecture)."""
 
 from __future__ import annotations
 

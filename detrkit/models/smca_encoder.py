@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Multi-scale SMCA's encoder (spec C6.2): convolutions within and across feature levels, no
+"""Multi-scale SMCA's encoder (docs/methods.md#smca-detr-multi-scale): convolutions within and
+across feature levels, no
 attention, then the finest level is downsampled to the next stride for the decoder."""
 
 from __future__ import annotations

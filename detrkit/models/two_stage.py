@@ -13,9 +13,10 @@ from detrkit.models.heads import PRIOR_PROB
 from detrkit.models.queries import MAIN_GROUP
 from detrkit.structures import EncoderMemory, PredictionGroup, QueryGroup, QuerySet
 
-# Proposal sizes are 0.05 * 2^level of the valid image (spec C2.1).
+# Proposal sizes are 0.05 * 2^level of the valid image
+# (docs/methods.md#deformable-detr-architecture).
 BASE_PROPOSAL_SIZE = 0.05
-# Proposals touching the border band are invalid (spec E10).
+# Proposals touching the border band are invalid (docs/methods.md#implementation-notes).
 PROPOSAL_BORDER = 0.01
 ENCODER_GROUP = "enc"
 

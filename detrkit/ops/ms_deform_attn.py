@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Multi-scale deformable attention sampling (spec B2-B3), in pure PyTorch.
+"""Multi-scale deformable attention sampling (docs/methods.md#deformable-attention), in pure
+PyTorch.
 
 Shared notation (all implementations take the same arguments):
 
@@ -14,7 +15,7 @@ Shared notation (all implementations take the same arguments):
 * result [N, Lq, M * Dh], heads concatenated in head order.
 
 Sampling is ``F.grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False)`` with
-grid = 2 * loc - 1, i.e. pixel coordinate = loc * W - 0.5 (spec E3).
+grid = 2 * loc - 1, i.e. pixel coordinate = loc * W - 0.5 (docs/methods.md#implementation-notes).
 
 :func:`ms_deform_attn_reference` is that formulation verbatim and serves as the oracle; it
 materialises every sampled value ([N * M, Dh, Lq, L * P]) before the weighted sum.
@@ -52,7 +53,7 @@ def ms_deform_attn_reference(
     sampling_locations: Tensor,
     attention_weights: Tensor,
 ) -> Tensor:
-    """Per-level ``grid_sample`` formulation of spec B3 (the oracle).
+    """Per-level ``grid_sample`` formulation (docs/methods.md#deformable-attention) (the oracle).
 
     Args:
         value: [N, S, M, Dh].

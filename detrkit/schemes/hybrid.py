@@ -25,7 +25,8 @@ def isolate(
 
 class HybridMatching(TrainingScheme):
     """Decode ``num_queries`` extra queries trained one-to-many: every ground-truth box is
-    repeated ``repeat_k`` times, so Hungarian matching gives each box up to k queries (spec C3).
+    repeated ``repeat_k`` times, so Hungarian matching gives each box up to k queries
+    (docs/methods.md#h-detr).
 
     Args:
         num_queries: one-to-many query slots (``--num_queries_one2many``).

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""MS-DETR mixed supervision: one-to-many supervision of the primary queries (spec C4)."""
+"""MS-DETR mixed supervision: one-to-many supervision of the primary queries
+(docs/methods.md#ms-detr)."""
 
 from __future__ import annotations
 

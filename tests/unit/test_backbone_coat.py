@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""CoaT / CoaT-Lite backbones (timm) and the Deformable-DETR-with-CoaT converter (spec C7.2)."""
+"""CoaT / CoaT-Lite backbones (timm) and the Deformable-DETR-with-CoaT converter
+(docs/methods.md#mpvit-and-coat-coat)."""
 
 from __future__ import annotations
 
@@ -164,7 +165,7 @@ def test_frozen_stages_and_trainable():
 
 def _with_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict in the original layout: the blocks list the shared cpe/crpe again, the
-    parallel blocks mlp2 as mlp3 and mlp4 (spec C7.2)."""
+    parallel blocks mlp2 as mlp3 and mlp4 (docs/methods.md#mpvit-and-coat-coat)."""
     out = dict(state)
     for key, value in state.items():
         block = re.match(r"serial_blocks([1-4])\.\d+\.", key)
@@ -264,7 +265,8 @@ def test_backbone_kwargs():
         coat_config(dict(args, backbone_kwargs="{'drop_rate': 0.1}"))
 
 
-# The published commands (spec C7.2): Deformable DETR defaults with the CoaT backbone.
+# The published commands (docs/methods.md#mpvit-and-coat-coat): Deformable DETR defaults with the
+# CoaT backbone.
 _FULL = dict(
     hidden_dim=256, nheads=8, enc_layers=6, dec_layers=6, dim_feedforward=1024, num_queries=300,
     dropout=0.1, num_feature_levels=4, epochs=50, lr_drop=40,

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""MPViT backbones (spec C7.1): shapes, official checkpoints, freezing, gradient checkpointing."""
+"""MPViT backbones (docs/methods.md#mpvit-and-coat-mpvit): shapes, official checkpoints, freezing,
+gradient checkpointing."""
 
 from __future__ import annotations
 
@@ -200,7 +201,7 @@ def test_registry_builds_from_config():
 @pytest.mark.skipif(not GOLDEN_CASE.is_file(), reason="golden MPViT case not available")
 def test_converted_config_and_preset():
     """The official args give the original's backbone setup, and the preset equals the published
-    MPViT-S run (Deformable DETR defaults at full size, spec C7)."""
+    MPViT-S run (Deformable DETR defaults at full size, docs/methods.md#mpvit-and-coat)."""
     args = json.loads(GOLDEN_CASE.read_text())["args"]
     source = source_for_repo("MPViT-deformable_detr")
     backbone = source.config_from_args(args).model.backbone

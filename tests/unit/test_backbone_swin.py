@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Swin backbones (spec C3.1): shapes at any input size, the official window order, local
-ImageNet weights in the official and timm layouts, and H-DETR Swin checkpoints (spec C3.4)."""
+"""Swin backbones (docs/methods.md#h-detr-architecture): shapes at any input size, the official
+window order, local
+ImageNet weights in the official and timm layouts, and H-DETR Swin checkpoints
+(docs/methods.md#h-detr-checkpoints)."""
 
 from __future__ import annotations
 
@@ -215,7 +217,8 @@ def test_wrong_variant_is_a_clear_error(tmp_path, tiny):
         tiny.load_pretrained(tmp_path / "missing.pth")
 
 
-# H-DETR's flags for its Swin rows (spec C3.5/C3.6) on top of a golden case's official defaults.
+# H-DETR's flags for its Swin rows (docs/methods.md#h-detr-results) on top of a golden case's
+# official defaults.
 _TRICKS = dict(
     hidden_dim=256, nheads=8, enc_layers=6, dec_layers=6, dim_feedforward=2048,
     num_feature_levels=4, with_box_refine=True, two_stage=True, dropout=0.0,
@@ -270,7 +273,8 @@ def test_swin_presets_equal_the_published_scripts(preset, flags):
 
 
 def test_hdetr_swin_checkpoint_converts_strictly(tmp_path, tiny):
-    """An H-DETR Swin-T checkpoint in the official layout (spec C3.4): ``backbone.0.body.*``
+    """An H-DETR Swin-T checkpoint in the official layout (docs/methods.md#h-detr-checkpoints):
+    ``backbone.0.body.*``
     with patch merging at the end of each stage, index buffers and ``norm1/2/3``."""
     from tests.golden.golden_case import official_state_dict
 

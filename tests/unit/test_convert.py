@@ -108,7 +108,8 @@ def test_every_source_has_rules():
 
 
 def test_msdetr_impl_a_checkpoint_converts_and_keeps_the_deformable_outputs(tmp_path):
-    """Implementation (a) is Deformable DETR plus separate one-to-many class heads (spec C4.2,
+    """Implementation (a) is Deformable DETR plus separate one-to-many class heads
+    (docs/methods.md#ms-detr-implementation-a,
     C4.6): a Deformable DETR golden state dict with those heads added converts cleanly, its
     eval outputs are the recorded Deformable DETR ones, and the one-to-many group predicts from
     the same hidden states with the extra class heads and the shared boxes."""

@@ -157,7 +157,8 @@ def test_quality_assigner_gives_each_box_its_top_k_by_positive_count():
 
 def test_quality_assigner_rescues_every_box_below_the_threshold():
     """No quality reaches the threshold: the positives are exactly each box's best query, each
-    counted for the box it scores best with (spec C4.3 step 2)."""
+    counted for the box it scores best with (docs/methods.md#ms-detr-one-to-many-assigner step
+    2)."""
     torch.manual_seed(0)
     assigner = TopKQualityAssigner(k=6, threshold=2.0)  # nothing reaches it
     targets, logits, boxes = _quality_problem(5, 40)

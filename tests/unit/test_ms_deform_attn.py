@@ -44,7 +44,7 @@ def make_inputs(
     value = torch.randn(batch, num_tokens, num_heads, head_dim, generator=gen, dtype=dtype)
     if padded:
         # The last image only fills the top-left part of every level; the model zeroes the
-        # values of padded tokens after value_proj (spec E7).
+        # values of padded tokens after value_proj (docs/methods.md#implementation-notes).
         masks = []
         for height, width in level_shapes:
             mask = torch.ones(height, width, dtype=torch.bool)
@@ -70,7 +70,7 @@ def make_inputs(
 
 
 def naive_sampling(value, spatial_shapes, level_start, locations, weights):
-    """Per-sample loop with the CUDA kernel's semantics (spec B2)."""
+    """Per-sample loop with the CUDA kernel's semantics (docs/methods.md#deformable-attention)."""
     batch, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = locations.shape
     out = value.new_zeros(batch, num_queries, num_heads, head_dim)

@@ -68,7 +68,8 @@ def test_preset_parameters_are_not_aliased(preset):
     assert len({id(p) for p in params}) == len(list(model.named_parameters(remove_duplicate=False)))
 
 
-# The published training scripts' flags (spec C3.5/C4.7), applied to the official defaults that a
+# The published training scripts' flags (docs/methods.md#h-detr-results), applied to the official
+# defaults that a
 # golden case records; each preset must equal what the converter derives from them.
 _R50_FULL = dict(
     backbone="resnet50", hidden_dim=256, nheads=8, enc_layers=6, dec_layers=6,

@@ -270,7 +270,8 @@ def test_invalid_smca_configs_fail_validation_with_a_reason(overrides, message):
         build_model(cfg, 3)
 
 
-# The README commands (spec C6.3) and the 44.4 AP log's model (C6.6), applied to the official
+# The README commands (docs/methods.md#smca-detr-training) and the 44.4 AP log's model (C6.6),
+# applied to the official
 # defaults a golden case records; each preset must equal what the converter derives from them.
 _R50 = dict(backbone="resnet50", enc_layers=6, dec_layers=6, dim_feedforward=2048, dropout=0.1,
             num_queries=300, epochs=50, lr_drop=40, dynamic_scale="type3")  # fmt: skip

@@ -135,7 +135,7 @@ def test_eval_transforms_output_size():
 
 
 def _detr_resize(image, boxes, size, max_size):
-    """The original recipe written against PIL and torchvision v1 (spec A2)."""
+    """The original recipe written against PIL and torchvision v1 (docs/methods.md#augmentation)."""
     h, w = resized_size(image.height, image.width, size, max_size)
     resized = TF.resize(image, [h, w])
     ratios = torch.tensor(

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""CoaT and CoaT-Lite backbones built from ``timm.models.coat`` (spec C7.2).
+"""CoaT and CoaT-Lite backbones built from ``timm.models.coat``
+(docs/methods.md#mpvit-and-coat-coat).
 
 The detector takes the class-token-free outputs of scales 2-4 (``x2_nocls``, ``x3_nocls``,
 ``x4_nocls`` in the original: strides 8, 16, 32, no final norm), after the parallel blocks for

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""MPViT backbones (tiny, xsmall, small, base) as in Deformable DETR with MPViT (spec C7.1).
+"""MPViT backbones (tiny, xsmall, small, base) as in Deformable DETR with MPViT
+(docs/methods.md#mpvit-and-coat-mpvit).
 
 Written for detrkit (timm has no MPViT); module names follow the official implementation, so its
 ImageNet checkpoints load with ``load_pretrained`` and its detection checkpoints convert by name.

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The building blocks of MPViT (multi-path vision transformer), spec C7.1.
+"""The building blocks of MPViT (multi-path vision transformer),
+docs/methods.md#mpvit-and-coat-mpvit.
 
 Attribute names follow the official implementation so that its checkpoints load by name
 (``conv``/``bn``, ``patch_conv.{dwconv,pwconv,bn}``, ``MHCA_layers``, ``InvRes``, ...). One

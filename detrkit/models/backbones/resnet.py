@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""ResNet backbones from torchvision with frozen BatchNorm (spec A4)."""
+"""ResNet backbones from torchvision with frozen BatchNorm (docs/methods.md#resnet-backbone)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ _STAGE_CHANNELS = {
     "resnet101": (256, 512, 1024, 2048),
 }
 _STAGES = ("c2", "c3", "c4", "c5")
-# Parameter-name prefixes of each stage; the originals freeze stage 0 and 1 (spec A4).
+# Parameter-name prefixes of each stage; the originals freeze stage 0 and 1
+# (docs/methods.md#resnet-backbone).
 _STAGE_PREFIXES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
 _NORMS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
 

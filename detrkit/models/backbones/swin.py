@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Swin Transformer (V1) backbones built from timm's modules, as H-DETR uses them (spec C3.1).
+"""Swin Transformer (V1) backbones built from timm's modules, as H-DETR uses them
+(docs/methods.md#h-detr-architecture).
 
 The parameters are timm's ``SwinTransformer`` modules (``pretrained=False``, never a download);
 the forward pass is driven here for three reasons:
@@ -47,7 +48,7 @@ from detrkit.models.backbones.weights import read_state_dict
 
 logger = logging.getLogger(__name__)
 
-PATCH_SIZE = 4  # spec C3.1: patch 4, ape False, patch_norm True
+PATCH_SIZE = 4  # docs/methods.md#h-detr-architecture: patch 4, ape False, patch_norm True
 
 
 @dataclass(frozen=True)
