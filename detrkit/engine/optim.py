@@ -28,7 +28,8 @@ __all__ = [
 ]
 
 DEFAULT_GROUP = "default"
-# Spec C1.2: parameters whose name contains "backbone" train with lr_backbone.
+# DETR (docs/methods.md#detr-training): parameters whose name contains "backbone" train with
+# lr_backbone.
 BACKBONE_PATTERN = "backbone"
 # Deformable DETR trains these at 0.1x the lr (``--lr_linear_proj_names``).
 LINEAR_PROJ_PATTERN = r"sampling_offsets|reference_points"

@@ -10,7 +10,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -23,12 +22,59 @@ from detrkit.errors import UserError
 from detrkit.structures import DetectorOutput, ImageBatch, Target
 
 ROOT = Path(__file__).resolve().parents[2]
-GOLDEN_DIR = Path(os.environ.get("DETRKIT_GOLDEN_DIR", ROOT.parent / "shared" / "golden"))
+# The cases shipped with the repository; ``DETRKIT_GOLDEN_DIR`` points the runner at another folder.
+SHIPPED_DIR = ROOT / "tests" / "golden" / "cases"
+GOLDEN_DIR = Path(os.environ.get("DETRKIT_GOLDEN_DIR", SHIPPED_DIR)).resolve()
 _NOT_CASES = {"inputs.json"}
 
+# Formats whose runner is not built yet, with what is missing (docs/golden.md).
+_CODETR_MISSING = (
+    "Co-DETR cases need the collaborative hybrid assignment scheme and the mmdetection "
+    "converter (not built yet)"
+)
+_HF_MISSING = "transformers cases need the Hugging Face transformers importer (not built yet)"
 
-def list_cases() -> list[Path]:
-    return sorted(p for p in GOLDEN_DIR.glob("*.json") if p.name not in _NOT_CASES)
+
+def list_cases(directory: Path | None = None) -> list[Path]:
+    """Every case json in ``directory`` (default the golden folder) and its subfolders."""
+    root = GOLDEN_DIR if directory is None else directory
+    return sorted(p for p in root.rglob("*.json") if p.name not in _NOT_CASES)
+
+
+def case_id(path: Path) -> str:
+    """A readable test id: the case's path below the golden folder, e.g. ``hf/hf_detr_r18``."""
+    try:
+        relative = path.relative_to(GOLDEN_DIR)
+    except ValueError:
+        relative = Path(path.name)
+    return relative.with_suffix("").as_posix()
+
+
+@dataclass(frozen=True)
+class CaseFormat:
+    """Which of the three golden formats a case json is in, and what detrkit still lacks to
+    run it (empty when it can)."""
+
+    name: str
+    missing: str = ""
+
+
+def case_format(spec: dict) -> CaseFormat:
+    """Detect the format from the json's own fields; a json of none of them is an error, so a
+    stray file is never mistaken for a passing case."""
+    if "transformers" in spec:
+        return CaseFormat("hf", _HF_MISSING)
+    reference = spec.get("reference")
+    if isinstance(reference, dict) and reference.get("repo") == "Sense-X/Co-DETR":
+        return CaseFormat("codetr", _CODETR_MISSING)
+    if "repo" in spec and "args" in spec:
+        if source_for_repo(spec["repo"]) is None:
+            return CaseFormat("official", f"repo '{spec['repo']}' is not supported by detrkit yet")
+        return CaseFormat("official")
+    raise ValueError(
+        "not a golden case in any known format (official: 'repo' + 'args'; codetr: "
+        "'reference.repo' == 'Sense-X/Co-DETR'; hf: 'transformers')"
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -81,9 +127,10 @@ class GoldenCase:
     @classmethod
     def load(cls, path: Path) -> GoldenCase:
         spec = json.loads(path.read_text())
+        fmt = case_format(spec)
+        if fmt.missing:
+            return cls(path, spec, None, unsupported=fmt.missing)
         case = cls(path, spec, source_for_repo(spec["repo"]))
-        if case.source is None:
-            return case
         case.tensors = load_file(str(path.with_suffix(".safetensors")))
         case.inputs = load_file(str(path.parent / _inputs_file(spec)))
         try:
@@ -137,7 +184,21 @@ class GoldenCase:
         return self._output_pairs("eval.f32.out.", self.eval_output)
 
     def train_output_pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return self._output_pairs("train.f32.out.", self._train[0])
+        """Our training-mode outputs against every output the original's training forward
+        produced. The cases store ``train.f32.out.*`` only where it differs from eval; where
+        ``runs.f32.train_outputs`` says an output is bitwise equal to eval, the recorded eval
+        tensor is the training reference."""
+        output = self._train[0]
+        pairs = {}
+        for path, info in self.spec["runs"]["f32"]["train_outputs"].items():
+            mode = "eval" if info["bitwise_equal_to_eval"] else "train"
+            name = f"{mode}.f32.out.{path}"
+            assert name in self.tensors, f"train output {path}: {name} not recorded"
+            ref = official_output(path, self.num_layers)
+            assert ref is not None, f"unmapped official output {path}"
+            ours = getattr(output.group(ref.group), ref.field)[ref.layer].detach()
+            pairs[f"train.f32.out.{path}"] = (ours, self.tensors[name])
+        return pairs
 
     def _output_pairs(self, prefix: str, output: DetectorOutput):
         pairs = {}
@@ -231,11 +292,17 @@ class GoldenCase:
         ]
 
 
-def published_config(case: str, flags: dict) -> ExperimentConfig:
-    """The config the converter derives from the official defaults a golden case records
-    (its ``args``) with a published command's ``flags`` applied; skips without the case."""
-    path = GOLDEN_DIR / f"{case}.json"
+def shipped_case(name: str) -> Path:
+    """The json of a case shipped in ``tests/golden/cases`` (whatever ``DETRKIT_GOLDEN_DIR``
+    says): the official cases record the originals' default ``args``."""
+    path = SHIPPED_DIR / f"{name}.json"
     if not path.is_file():
-        pytest.skip(f"golden case {path} not available (its args are the official defaults)")
-    spec = json.loads(path.read_text())
+        raise FileNotFoundError(f"shipped golden case {path} is missing")
+    return path
+
+
+def published_config(case: str, flags: dict) -> ExperimentConfig:
+    """The config the converter derives from the official defaults a shipped golden case
+    records (its ``args``) with a published command's ``flags`` applied."""
+    spec = json.loads(shipped_case(case).read_text())
     return source_for_repo(spec["repo"]).config_from_args(dict(spec["args"], **flags))

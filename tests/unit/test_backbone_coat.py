@@ -22,10 +22,11 @@ from detrkit.convert.coat import COAT_BACKBONE_RULES, coat_config
 from detrkit.convert.rules import convert_state_dict
 from detrkit.errors import UserError
 from detrkit.models.backbones.coat import CoaTBackbone, build_coat
-from tests.golden.golden_case import GOLDEN_DIR
+from tests.golden.golden_case import SHIPPED_DIR
 
 STAGES = ("c2", "c3", "c4", "c5")
-# Spec C7.2 (the detector's x2/x3/x4 = c3/c4/c5) and timm for the scale-1 width and lite medium.
+# docs/methods.md#mpvit-and-coat-coat (the detector's x2/x3/x4 = c3/c4/c5) and timm for the
+# scale-1 width and lite medium.
 SPEC_CHANNELS = {
     "coat_lite_tiny": (64, 128, 256, 320),
     "coat_lite_mini": (64, 128, 320, 512),
@@ -247,7 +248,7 @@ def test_converter_maps_the_official_parallel_layout(coat_tiny):
 
 
 def _golden_args() -> dict:
-    path = GOLDEN_DIR / "deformable_detr_coat_lite_tiny_ms.json"
+    path = SHIPPED_DIR / "deformable_detr_coat_lite_tiny_ms.json"
     if not path.is_file():
         pytest.skip(f"golden case {path} not available (its args are the official defaults)")
     return json.loads(path.read_text())["args"]

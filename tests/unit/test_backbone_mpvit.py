@@ -20,17 +20,17 @@ from detrkit.errors import UserError
 from detrkit.models.backbones import build_backbone
 from detrkit.models.backbones.mpvit import MPViTBackbone
 from detrkit.models.backbones.mpvit_layers import MHCAEncoder
-from tests.golden.golden_case import GOLDEN_DIR
+from tests.golden.golden_case import SHIPPED_DIR
 
 STAGES = ("c3", "c4", "c5")
-# Spec C7.1: stage3..stage5 channels per variant.
+# docs/methods.md#mpvit-and-coat-mpvit: stage3..stage5 channels per variant.
 CHANNELS = {
     "mpvit_tiny": (176, 216, 216),
     "mpvit_xsmall": (192, 256, 256),
     "mpvit_small": (216, 288, 288),
     "mpvit_base": (368, 480, 480),
 }
-GOLDEN_CASE = GOLDEN_DIR / "deformable_detr_mpvit_tiny_ms.json"
+GOLDEN_CASE = SHIPPED_DIR / "deformable_detr_mpvit_tiny_ms.json"
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -25,7 +25,7 @@ from detrkit.convert.sources import SOURCES
 from detrkit.errors import UserError
 from detrkit.models.backbones import build_backbone
 from detrkit.models.backbones.swin import SWIN_VARIANTS, SwinBackbone, swin_block_forward
-from tests.golden.golden_case import GOLDEN_DIR
+from tests.golden.golden_case import SHIPPED_DIR
 
 STAGES = ("c3", "c4", "c5")
 
@@ -253,7 +253,7 @@ PUBLISHED = [
 
 
 def _hdetr_case() -> dict:
-    path = GOLDEN_DIR / "hdetr_r18_ms_refine_twostage_mqs_lft.json"
+    path = SHIPPED_DIR / "hdetr_r18_ms_refine_twostage_mqs_lft.json"
     if not path.is_file():
         pytest.skip(f"golden case {path} not available (its args are the official defaults)")
     return json.loads(path.read_text())
@@ -285,7 +285,7 @@ def test_hdetr_swin_checkpoint_converts_strictly(tmp_path, tiny):
     assert config.model.backbone.name == "swin_tiny" and config.model.backbone.frozen_stages == 0
     swin = _randomised(tiny)
     state = {
-        k: v for k, v in official_state_dict(spec, GOLDEN_DIR).items() if "backbone.0" not in k
+        k: v for k, v in official_state_dict(spec, SHIPPED_DIR).items() if "backbone.0" not in k
     }
     state |= {f"backbone.0.body.{k}": v for k, v in official_layout(swin, imagenet=False).items()}
     for level, channels in enumerate(

@@ -28,7 +28,7 @@ from detrkit.layers.smca import (
 )
 from detrkit.models.encoder import valid_ratio
 from detrkit.structures import EncoderMemory, ImageBatch, Target
-from tests.golden.golden_case import GOLDEN_DIR, GoldenCase, published_config
+from tests.golden.golden_case import SHIPPED_DIR, GoldenCase, published_config
 
 DIM, HEADS = 16, 4
 
@@ -299,7 +299,7 @@ def test_presets_equal_the_published_commands(preset, case, flags):
 
 
 def _case(name: str) -> GoldenCase:
-    path = GOLDEN_DIR / f"{name}.json"
+    path = SHIPPED_DIR / f"{name}.json"
     if not path.is_file():
         pytest.skip(f"golden case {path} not available")
     return GoldenCase.load(path)

@@ -63,7 +63,8 @@ class SwinVariant:
     pretrain_size: int = 224
 
 
-# Spec C3.1 (tiny, small, large) and the Swin paper (base).
+# H-DETR's Swin variants (docs/methods.md#h-detr-architecture: tiny, small, large) and the Swin
+# paper (base).
 SWIN_VARIANTS = {
     "swin_tiny": SwinVariant(96, (2, 2, 6, 2), (3, 6, 12, 24)),
     "swin_small": SwinVariant(96, (2, 2, 18, 2), (3, 6, 12, 24)),
