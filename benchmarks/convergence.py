@@ -67,6 +67,7 @@ from detrkit.config.load import load_config
 from detrkit.config.schema import ExperimentConfig
 from detrkit.data.synth import write_synthetic_coco
 from detrkit.engine.logging import read_jsonl
+from detrkit.engine.summary import display_epoch
 from detrkit.engine.trainer import Trainer
 
 PRESET = "deformable_detr_tiny"
@@ -167,7 +168,8 @@ class TimedTrainer(Trainer):
         return path
 
     def evaluate(self) -> dict:
-        self.eval_train_seconds[self.loop.epoch] = self.training_seconds()
+        epoch = display_epoch(self.loop.epoch, self.loop.steps_in_epoch)  # as the eval record
+        self.eval_train_seconds[epoch] = self.training_seconds()
         start = time.perf_counter()
         metrics = super().evaluate()
         self.eval_seconds += time.perf_counter() - start

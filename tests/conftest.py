@@ -13,6 +13,14 @@ from detrkit.config.schema import BackboneConfig, ModelConfig, TransformerConfig
 from detrkit.data.synth import write_synthetic_coco
 
 TINY_CLASSES = 5
+# --set overrides that shrink any preset to a test-size model (D=32, 2 heads, 10 queries).
+TINY_MODEL_OVERRIDES = [
+    "model.hidden_dim=32",
+    "model.num_heads=2",
+    "model.num_queries=10",
+    "model.encoder.num_layers=1",
+    "model.decoder.num_layers=2",
+]
 
 
 def tiny_model_config(**changes) -> ModelConfig:

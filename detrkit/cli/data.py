@@ -14,10 +14,10 @@ def register(commands, add_config, add_run) -> None:
     parser = commands.add_parser("data", help="dataset utilities")
     actions = parser.add_subparsers(dest="action", required=True)
     synth = actions.add_parser("synth", help="write a synthetic COCO-format dataset of shapes")
-    synth.add_argument("--out", required=True, type=Path)
-    synth.add_argument("--num-train", type=int, default=64)
-    synth.add_argument("--num-val", type=int, default=16)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", required=True, type=Path, help="dataset folder to write")
+    synth.add_argument("--num-train", type=int, default=64, help="training images")
+    synth.add_argument("--num-val", type=int, default=16, help="validation images")
+    synth.add_argument("--seed", type=int, default=0, help="random seed of the shapes")
     synth.set_defaults(run=run_synth)
     _register_check(actions)
 
@@ -60,7 +60,11 @@ def _register_check(actions) -> None:
         "--max-examples", type=int, default=5, metavar="N", help="examples shown per finding"
     )
     check.add_argument(
-        "--workers", type=int, default=None, metavar="N", help="threads that open images"
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="threads that open images (default: min(32, CPU cores + 4), Python's thread pool)",
     )
     check.set_defaults(run=run_check)
 

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 from torch import Tensor, nn
 
 from detrkit.config.checks import validate_model_config
-from detrkit.config.schema import ExperimentConfig, ModelConfig
+from detrkit.config.schema import ExperimentConfig, InferenceConfig, ModelConfig
 from detrkit.errors import UserError
 from detrkit.layers.attention import CrossAttention, SelfAttention
 from detrkit.layers.deformable import DeformableCrossAttention
@@ -36,7 +37,6 @@ from detrkit.models.two_stage import TwoStageQuerySelector
 from detrkit.schemes.base import TrainingScheme
 from detrkit.schemes.hybrid import HybridMatching
 from detrkit.schemes.mixed import MixedSupervision
-from detrkit.tta import TTASettings
 
 
 def resolved_num_classes(cfg: ModelConfig, num_classes: int | None = None) -> int:
@@ -333,19 +333,18 @@ def build_criterion(
     )
 
 
-def build_tta(cfg: ExperimentConfig) -> TTASettings:
-    """Test-time augmentation as configured (none by default)."""
+def build_tta(cfg: ExperimentConfig) -> InferenceConfig:
+    """The inference settings (test-time augmentation; none by default) with the passes' size
+    cap resolved: ``inference.tta_max_size``, else ``data.max_size``."""
     inference = cfg.inference
-    return TTASettings(
-        scales=inference.tta_scales,
-        max_size=cfg.data.max_size,
-        flip=inference.tta_flip,
-        nms_iou=inference.tta_nms_iou,
-    )
+    if inference.tta_max_size is None:
+        inference = replace(inference, tta_max_size=cfg.data.max_size)
+    return inference
 
 
-def build_postprocess(cfg: ModelConfig) -> nn.Module:
-    """Softmax heads keep every query (DETR); sigmoid heads take the top-k (query, class) pairs."""
+def build_postprocess(cfg: ModelConfig, ignored_labels: Sequence[int] = ()) -> nn.Module:
+    """Softmax heads keep every query (DETR); sigmoid heads take the top-k (query, class) pairs.
+    ``ignored_labels`` (``LabelMap.ignored_labels``) never produce a detection."""
     if cfg.loss.class_loss == "softmax_ce":
-        return SoftmaxPostprocess()
-    return TopKSigmoidPostprocess(cfg.top_k or 100, cfg.nms_iou_threshold)
+        return SoftmaxPostprocess(ignored_labels)
+    return TopKSigmoidPostprocess(cfg.top_k or 100, cfg.nms_iou_threshold, ignored_labels)

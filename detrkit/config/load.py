@@ -13,10 +13,12 @@ merged dictionary before the final validation.
 
 from __future__ import annotations
 
+import difflib
 import importlib.resources
 import re
 import typing
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +32,14 @@ from detrkit.config.validate import (
     config_to_dict,
     describe_value,
     field_type,
-    nearest,
 )
 from detrkit.errors import UserError
 
 __all__ = [
     "config_from_dict",
+    "PresetInfo",
     "config_to_dict",
+    "describe_preset",
     "dump_config",
     "list_presets",
     "load_config",
@@ -47,6 +50,7 @@ BASE_KEY = "base"
 OVERRIDE_SOURCE = "--set"
 _YAML_SUFFIXES = (".yaml", ".yml")
 _FLOAT_TAG = "tag:yaml.org,2002:float"
+_SUGGESTED_PRESETS = 5  # names an unknown preset's message suggests
 
 
 class _SafeLoader(yaml.SafeLoader):
@@ -96,6 +100,49 @@ def list_presets() -> list[str]:
     )
 
 
+@dataclass(frozen=True)
+class PresetInfo:
+    """What ``detrkit presets`` shows of a preset, read from the comment lines heading its file.
+
+    Attributes:
+        name: the preset name (``--config NAME``).
+        description: the first sentence of the heading comment, without the AP and references.
+        published_ap: COCO box AP the preset reproduces from its paper or repository; None when
+            it reproduces no published number (the comment gives none, or one measured with a
+            different backbone, "... AP with Swin-L").
+    """
+
+    name: str
+    description: str
+    published_ap: float | None
+
+
+# "46.9 AP", but not "60.3 AP50" nor an AP measured on another set-up ("56.1 AP with Swin-L").
+_PUBLISHED_AP = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?) AP\b(?!\s+with\b)")
+_SENTENCE_END = re.compile(r"(?<=[.;])\s+(?=[A-Z(])|;\s+")
+_REFERENCE = re.compile(r"\s*\([^()]*(?:docs/|COCO val5k)[^()]*\)")
+_AP_CLAUSE = re.compile(r":\s*\d+(?:\.\d+)? AP\b.*$")
+
+
+def describe_preset(name: str) -> PresetInfo:
+    """Description and published AP of preset ``name``, from its heading comment lines.
+
+    Raises:
+        UserError: no such preset (the message lists the nearest names).
+    """
+    text, _ = _read_preset(name)
+    heading = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        heading.append(line.lstrip("#").strip())
+    comment = " ".join(heading)
+    found = _PUBLISHED_AP.search(comment)
+    first = _SENTENCE_END.split(comment, maxsplit=1)[0].rstrip(".")
+    description = _AP_CLAUSE.sub("", _REFERENCE.sub("", first)).strip()
+    return PresetInfo(name, description, float(found.group(1)) if found else None)
+
+
 def _parse_yaml(text: str, source: str) -> Any:
     """Parse YAML safely; syntax errors and object-constructing tags become UserErrors."""
     try:
@@ -122,9 +169,22 @@ def _read_preset(name: str) -> tuple[str, str]:
     """Text and display name of preset ``name``; UserError listing presets if unknown."""
     entry = importlib.resources.files(PRESET_PACKAGE).joinpath(f"{name}.yaml")
     if not entry.is_file():
-        available = ", ".join(nearest(name, list_presets()))
-        raise UserError(f"unknown config preset '{name}'; available (nearest first): {available}")
+        raise UserError(f"unknown config preset '{name}'; {_suggest_presets(name)}")
     return entry.read_text(encoding="utf-8"), f"{name}.yaml"
+
+
+def _suggest_presets(name: str) -> str:
+    """The presets an unknown name probably meant, else one per family (the shortest name)."""
+    presets = list_presets()
+    close = difflib.get_close_matches(name, presets, n=_SUGGESTED_PRESETS, cutoff=0.6)
+    if close:
+        found = "closest names (nearest first): " + ", ".join(close)
+    else:
+        shortest: dict[str, str] = {}
+        for preset in sorted(presets, key=len):
+            shortest.setdefault(preset.split("_", 1)[0], preset)
+        found = "none is close; one per family: " + ", ".join(sorted(shortest.values()))
+    return f"{found}; 'detrkit presets' lists all {len(presets)}"
 
 
 def _read_path(path: Path) -> tuple[str, str]:
@@ -229,6 +289,20 @@ def load_config(name_or_path: str | None, overrides: Sequence[str] = ()) -> Expe
     if name_or_path is not None:
         data = _load_tree(name_or_path, None, ())
         source = name_or_path if _is_path(name_or_path) else f"{name_or_path}.yaml"
+    return config_from_mapping(data, overrides, source=source)
+
+
+def config_from_mapping(
+    data: Mapping[str, Any], overrides: Sequence[str] = (), *, source: str
+) -> ExperimentConfig:
+    """Validate a plain config dict (e.g. the one a checkpoint stores), then apply overrides.
+
+    Args:
+        data: a ``config_to_dict`` mapping (no ``base`` key).
+        overrides: ``"a.b.c=value"`` strings, as for :func:`load_config`.
+        source: where ``data`` came from, quoted in errors.
+    """
+    data = dict(data)
     config = config_from_dict(data, source=source)
     if overrides:
         for override in overrides:

@@ -339,13 +339,17 @@ class TrainConfig:
         max_steps: stop after this many optimiser steps (None: run all epochs).
         eval_every: evaluate every N epochs (0: only at the end).
         checkpoint_every: also checkpoint every N optimiser steps (0: epoch ends only).
-        keep_last: step checkpoints kept on disk.
+        keep_last: training states kept in ``checkpoints/`` for ``--resume`` (the weights for
+            inference are ``model.safetensors``, written beside them).
         max_nonfinite_steps: consecutive non-finite steps that stop the run.
         compile: ``torch.compile`` the backbone and each encoder/decoder layer (opt-in; the
             first steps pay the compile time; needs a C++ compiler on the CPU).
         ema_decay: keep an exponential moving average of the weights with this decay per
             optimiser step (e.g. 0.9998); evaluation, ``detrkit eval`` and ``predict`` then use
             the averaged weights. None = off.
+        tensorboard: also write the loss terms, lr and AP metrics as TensorBoard scalars under
+            ``<output-dir>/tensorboard/`` (rank 0). None = on when the ``tensorboard`` package
+            is installed; true without it is an error.
     """
 
     epochs: int = 300
@@ -362,11 +366,12 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     eval_every: int = 1
     checkpoint_every: int = 0
-    keep_last: int = 2
+    keep_last: int = 1
     log_every: int = 10
     max_nonfinite_steps: int = 5
     ema_decay: float | None = None
     compile: bool = False
+    tensorboard: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -378,11 +383,18 @@ class InferenceConfig:
             of these (the ``data.val_size`` pass always runs); empty = none.
         tta_flip: also run every pass horizontally flipped.
         tta_nms_iou: the passes' detections are merged by class-wise NMS at this IoU.
+        tta_max_size: cap on the longer side of a rescaled pass; None = ``data.max_size``.
     """
 
     tta_scales: tuple[int, ...] = ()
     tta_flip: bool = False
     tta_nms_iou: float = 0.6
+    tta_max_size: int | None = None
+
+    @property
+    def tta_enabled(self) -> bool:
+        """Whether any pass besides the plain one runs."""
+        return bool(self.tta_scales) or self.tta_flip
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,11 @@ import torch
 
 from detrkit.config.build import build_model
 from detrkit.config.validate import config_to_dict
+from detrkit.convert.classes import official_label_map, with_head_classes
+from detrkit.convert.detect import check_family
 from detrkit.convert.rules import ConversionResult, convert_state_dict
 from detrkit.convert.sources import SourceFormat
-from detrkit.data.coco_names import coco_label_names
-from detrkit.data.labels import LabelMap
-from detrkit.engine.checkpoint import FORMAT_VERSION, save_checkpoint
+from detrkit.engine.checkpoint import CheckpointMeta, ConvertedFrom, save_checkpoint
 from detrkit.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,14 @@ def convert_official(
     args = args_override or official_args(data)
     if args is None:
         raise UserError(f"{path} stores no 'args'; pass --args-json with the training arguments")
-    config = source.config_from_args(args)
+    check_family(source.name, tuple(state), args, str(path))
+    try:
+        config = with_head_classes(source.config_from_args(args), state)
+    except KeyError as error:
+        raise UserError(
+            f"{path}'s args lack {error}, which '{source.name}' checkpoints store; pass "
+            "--args-json with the run's training arguments"
+        ) from None
     result = convert_state_dict(state, source.rules_for(args), source.splits)
     if not result.clean:
         raise UserError(f"{path} does not match the '{source.name}' layout: {result.describe()}")
@@ -70,16 +77,11 @@ def convert_official(
         raise UserError(
             f"converted weights do not fit the model built from {path}'s args: {str(error)[:800]}"
         ) from error
-    # The originals predict raw COCO category ids: label i is category id i.
-    classes = config.model.num_classes
-    label_map = LabelMap(tuple(range(classes)), coco_label_names(classes))
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "config": config_to_dict(config),
-        "label_map": label_map.to_dict(),
-        "epoch": 0,
-        "step": 0,
-        "converted_from": {"source": source.name, "file": path.name},
-    }
-    save_checkpoint(out, model=model.state_dict(), state={}, meta=meta)
+    label_map = official_label_map(config.model.num_classes)
+    meta = CheckpointMeta(
+        config=config_to_dict(config),
+        label_map=label_map,
+        converted_from=ConvertedFrom(source=source.name, file=path.name),
+    )
+    save_checkpoint(out, model=model.state_dict(), meta=meta)  # a weights file
     return result

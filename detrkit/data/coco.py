@@ -134,6 +134,55 @@ def _label_map_from_json(categories: Sequence[Any], path: Path) -> LabelMap:
         raise UserError(f"{path}: bad 'categories': {exc}") from None
 
 
+class UnknownCategoriesError(UserError):
+    """The annotation file has categories the checkpoint's label map lacks."""
+
+
+def require_known_categories(file_map: LabelMap, label_map: LabelMap, path: Path) -> None:
+    """Every category of the file must be a class of ``label_map`` (a checkpoint's); the file
+    may have fewer (COCO 2017's 80 of a converted checkpoint's 91 slots). Names that differ for
+    the same id are logged as a warning.
+
+    Raises:
+        UnknownCategoriesError: a category id of the file is unknown to ``label_map`` or an
+            unused slot.
+    """
+    used = set(label_map.used_ids)
+    unknown = [c for c in file_map.category_ids if c not in used]
+    if unknown:
+        shown = ", ".join(f"{c} '{file_map.name_of(c)}'" for c in unknown[:8])
+        more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
+        raise UnknownCategoriesError(
+            f"{path}: categories {shown}{more} are not classes of the checkpoint (its "
+            f"{len(used)} classes have ids {_id_ranges(label_map.used_ids)}); evaluate on data "
+            "with the checkpoint's category ids, or fine-tune on it with detrkit train --init-from"
+        )
+    renamed = [
+        f"{c} '{file_map.name_of(c)}' vs '{label_map.name_of(c)}'"
+        for c in file_map.category_ids
+        if file_map.name_of(c) != label_map.name_of(c)
+    ]
+    if renamed:
+        logger.warning(
+            "%s: %d categories are named differently than in the checkpoint (same ids are "
+            "evaluated as the same class): %s",
+            path,
+            len(renamed),
+            "; ".join(renamed[:5]),
+        )
+
+
+def _id_ranges(ids: Sequence[int]) -> str:
+    """``(1, 2, 3, 5)`` -> ``"1-3, 5"``."""
+    ranges: list[list[int]] = []
+    for c in ids:
+        if ranges and c == ranges[-1][1] + 1:
+            ranges[-1][1] = c
+        else:
+            ranges.append([c, c])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
 def _check_annotation(
     ann: Any, path: Path, json_categories: set[int], mapped: set[int], row_of: dict[int, int]
 ) -> int:
@@ -237,6 +286,7 @@ class CocoDetection(Dataset):
 
     Attributes:
         label_map: category id <-> label map (from the file's categories unless given).
+        file_categories: the map of the file's own ``categories``.
         image_ids: image ids in file order.
         coco_json: the annotation file.
         images_dir: folder that ``file_name`` entries are relative to.
@@ -248,13 +298,17 @@ class CocoDetection(Dataset):
         annotation_json: Path,
         transforms: Callable[[DetectionSample], DetectionSample] | None = None,
         label_map: LabelMap | None = None,
+        known_categories_only: bool = False,
     ) -> None:
         self.images_dir = Path(images_dir)
         self.coco_json = Path(annotation_json)
         self.transforms = transforms if transforms is not None else ToNormalizedTensor()
         data = read_coco_json(self.coco_json)
         json_map = _label_map_from_json(data["categories"], self.coco_json)
+        self.file_categories = json_map
         self.label_map = label_map if label_map is not None else json_map
+        if known_categories_only:
+            require_known_categories(json_map, self.label_map, self.coco_json)
         image_ids, self._file_names, self._sizes_wh = _parse_images(data["images"], self.coco_json)
         self.image_ids: list[int] = image_ids.tolist()
         self._index_annotations(data["annotations"], json_map)

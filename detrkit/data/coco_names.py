@@ -92,6 +92,16 @@ COCO_CATEGORY_NAMES: dict[int, str] = {
 }
 
 
+# The originals' COCO class heads: ids 0..90 (DETR and the Deformable family); SMCA adds a 92nd
+# logit that is never a target.
+COCO_SLOT_COUNTS = (91, 92)
+
+
 def coco_label_names(num_classes: int) -> tuple[str, ...]:
     """Names of labels 0..num_classes-1 when label == COCO category id ("N/A" for unused ids)."""
     return tuple(COCO_CATEGORY_NAMES.get(i, "N/A") for i in range(num_classes))
+
+
+def coco_unused_ids(num_classes: int) -> tuple[int, ...]:
+    """Ids in 0..num_classes-1 that COCO 2017 never uses (the "N/A" slots)."""
+    return tuple(i for i in range(num_classes) if i not in COCO_CATEGORY_NAMES)

@@ -5,16 +5,25 @@ COCO category ids have gaps (1...90 with 10 unused ids) and user datasets may us
 Detectors in detrkit predict contiguous labels ``0 .. num_classes - 1``; label ``i`` is the
 ``i``-th smallest category id. The map is saved in checkpoints (``to_dict``) so predictions can
 be written back with the dataset's own ids.
+
+Checkpoints converted from the originals keep their 91-slot COCO layout (label == COCO id); the
+11 ids COCO 2017 never uses are *unused slots* (``LabelMap.unused_ids``): the class head keeps
+their logits, so the model computes what the original computes, but they never become a
+detection (``ignored_labels``) and a dataset may not use them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
 import torch
 from torch import Tensor
+
+# ``category_table`` entry of a label that must never be reported (an unused slot, or a class
+# the evaluated dataset does not have).
+NO_CATEGORY = -1
 
 
 @dataclass(frozen=True)
@@ -24,10 +33,13 @@ class LabelMap:
     Attributes:
         category_ids: dataset category ids, strictly increasing; label i <-> category_ids[i].
         names: category names, aligned with ``category_ids``.
+        unused_ids: category ids of placeholder slots (a subset of ``category_ids``): the model
+            has labels for them, but they are no class and never produce a detection.
     """
 
     category_ids: tuple[int, ...]
     names: tuple[str, ...]
+    unused_ids: tuple[int, ...] = ()
     _label_of: dict[int, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -37,7 +49,13 @@ class LabelMap:
             raise ValueError(f"{len(ids)} category ids but {len(names)} names")
         if any(b <= a for a, b in zip(ids, ids[1:], strict=False)):
             raise ValueError(f"category ids must be unique and sorted ascending, got {ids}")
+        unused = tuple(sorted({int(c) for c in self.unused_ids}))
+        if not set(unused) <= set(ids):
+            raise ValueError(f"unused ids {sorted(set(unused) - set(ids))} are not category ids")
+        if len(unused) == len(ids):
+            raise ValueError("every category id is marked unused")
         # Frozen dataclass: normalised values and the lookup cache are set once, here.
+        object.__setattr__(self, "unused_ids", unused)
         object.__setattr__(self, "category_ids", ids)
         object.__setattr__(self, "names", names)
         object.__setattr__(self, "_label_of", {c: i for i, c in enumerate(ids)})
@@ -75,6 +93,30 @@ class LabelMap:
         """Number of contiguous labels."""
         return len(self.category_ids)
 
+    @property
+    def used_ids(self) -> tuple[int, ...]:
+        """Category ids of real classes (all but ``unused_ids``), ascending."""
+        unused = set(self.unused_ids)
+        return tuple(c for c in self.category_ids if c not in unused)
+
+    def name_of(self, category_id: int) -> str:
+        """Name of a category id (KeyError if unknown)."""
+        return self.names[self.to_label(category_id)]
+
+    def category_table(self, keep: Collection[int] | None = None) -> tuple[int, ...]:
+        """Category id of every label, ``NO_CATEGORY`` for labels that must not be reported:
+        unused slots and, when ``keep`` (category ids, e.g. an evaluated dataset's) is given,
+        the categories outside it."""
+        unused = set(self.unused_ids)
+        return tuple(
+            NO_CATEGORY if c in unused or (keep is not None and c not in keep) else c
+            for c in self.category_ids
+        )
+
+    def ignored_labels(self, keep: Collection[int] | None = None) -> tuple[int, ...]:
+        """Labels whose ``category_table(keep)`` entry is ``NO_CATEGORY``, ascending."""
+        return tuple(i for i, c in enumerate(self.category_table(keep)) if c == NO_CATEGORY)
+
     def to_label(self, category_id: int) -> int:
         """Contiguous label of a category id.
 
@@ -110,8 +152,15 @@ class LabelMap:
         return self.category_ids[int(label)]
 
     def to_dict(self) -> dict[str, list[int] | list[str]]:
-        """JSON-able form: ``{"category_ids": [...], "names": [...]}``."""
-        return {"category_ids": list(self.category_ids), "names": list(self.names)}
+        """JSON-able form: ``{"category_ids": [...], "names": [...]}``, plus
+        ``"unused_category_ids"`` when there are unused slots."""
+        data: dict[str, list[int] | list[str]] = {
+            "category_ids": list(self.category_ids),
+            "names": list(self.names),
+        }
+        if self.unused_ids:
+            data["unused_category_ids"] = list(self.unused_ids)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LabelMap:
@@ -123,4 +172,5 @@ class LabelMap:
         missing = {"category_ids", "names"} - set(data)
         if missing:
             raise ValueError(f"label map is missing {sorted(missing)}")
-        return cls(tuple(data["category_ids"]), tuple(data["names"]))
+        unused = tuple(data.get("unused_category_ids", ()))
+        return cls(tuple(data["category_ids"]), tuple(data["names"]), unused)

@@ -1,16 +1,21 @@
 # SPDX-License-Identifier: Apache-2.0
-"""detrkit checkpoints: one safetensors file, no pickle anywhere.
+"""detrkit checkpoints: safetensors files, no pickle anywhere.
 
-Layout of a checkpoint file:
+Two kinds of file share one format (:data:`FORMAT_VERSION`):
 
-* tensors ``model.<key>``: the model state dict;
-* tensors ``state.<path>``: every tensor (and numpy array) found in the nested training state
-  (optimizer, scheduler, RNG states, GradScaler, sampler, ...);
-* metadata ``detrkit.format``: :data:`FORMAT_VERSION`;
-* metadata ``detrkit.meta``: the caller's JSON-able metadata (config, label map, epoch, ...);
-* metadata ``detrkit.state``: the non-tensor *skeleton* of the state as JSON. Every node is a
-  ``[tag, payload]`` pair, so int dict keys, tuples vs lists, big ints and inf/nan floats come back
-  exactly as they were saved; tensor nodes hold the name of their tensor in the file.
+* **weights** (``<run>/model.safetensors``, ``<run>/model_ema.safetensors``, converted official
+  checkpoints): the model state dict under its own keys, so any safetensors reader can load it;
+  what inference, ``--init-from`` and sharing need (a tiny ResNet-18 model: 46 MB).
+* **training** (``<run>/checkpoints/checkpoint_<step>.safetensors``): everything exact resume
+  needs, self-contained: tensors ``model.<key>`` (the weights) and ``state.<path>`` (optimiser
+  moments, scheduler, GradScaler, RNG states, EMA). The weights are stored here as well as in
+  ``model.safetensors`` on purpose: a training state that pointed at a shared weights file would
+  break whenever a kill landed between the two writes, or once an older state outlived the
+  weights file it needs. AdamW's two moments make a training state about 3x the weights.
+
+Metadata of every file: ``detrkit.format`` (the version), ``detrkit.kind`` (``weights`` or
+``training``), ``detrkit.meta`` (:class:`CheckpointMeta` as JSON) and, in training files,
+``detrkit.state`` (the JSON skeleton of the state, see :mod:`detrkit.engine.tree_codec`).
 
 Saving is atomic: the file is written next to its destination, fsync'ed and renamed over it, so a
 crash never leaves a half-written checkpoint at the destination.
@@ -24,20 +29,26 @@ import os
 import re
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from detrkit.data.labels import LabelMap
+from detrkit.engine.ema import inference_weights
+from detrkit.engine.state import LoopState
+from detrkit.engine.tree_codec import TreeEncoder, decode_tree
 from detrkit.errors import UserError
 
 __all__ = [
     "FORMAT_VERSION",
     "Checkpoint",
+    "CheckpointMeta",
+    "ConvertedFrom",
+    "TrainingState",
     "load_checkpoint",
     "prune_checkpoints",
     "save_checkpoint",
@@ -45,123 +56,150 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2: weights files and typed metadata. Version 1 files (one file per step holding
+weights and state) are refused with a message saying how to redo them."""
+
 _KEY_FORMAT = "detrkit.format"
+_KEY_KIND = "detrkit.kind"
 _KEY_META = "detrkit.meta"
 _KEY_STATE = "detrkit.state"
+_KIND_WEIGHTS = "weights"
+_KIND_TRAINING = "training"
 _MODEL_PREFIX = "model."
-_STATE_PREFIX = "state."
+_STATE_PREFIX = "state"
+
+
+@dataclass(frozen=True)
+class ConvertedFrom:
+    """Where a converted official checkpoint came from: its source layout and file name."""
+
+    source: str
+    file: str
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What every checkpoint file says about itself.
+
+    Attributes:
+        config: the experiment config as a plain dict (``config_to_dict``).
+        label_map: dataset category ids and names of the model's labels.
+        epoch: epochs completed when the file was written.
+        step: optimiser steps taken.
+        git_sha: detrkit source revision that wrote the file ("unknown" outside a checkout).
+        ema: the weights are the exponential moving average (``model_ema.safetensors``).
+        converted_from: set for official checkpoints converted by ``detrkit convert``.
+        format_version: :data:`FORMAT_VERSION` of the file (read from it on load).
+    """
+
+    config: dict[str, Any]
+    label_map: LabelMap
+    epoch: int = 0
+    step: int = 0
+    git_sha: str = "unknown"
+    ema: bool = False
+    converted_from: ConvertedFrom | None = None
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        """JSON text stored in the file (``format_version`` lives in its own metadata key)."""
+        data = {
+            "config": self.config,
+            "label_map": self.label_map.to_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "git_sha": self.git_sha,
+            "ema": self.ema,
+            "converted_from": vars(self.converted_from) if self.converted_from else None,
+        }
+        try:
+            return json.dumps(data, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"checkpoint meta must be plain JSON: {err}") from None
+
+    @classmethod
+    def from_json(cls, text: str, format_version: int) -> CheckpointMeta:
+        """Inverse of :meth:`to_json`; raises KeyError / TypeError / ValueError when malformed."""
+        data = json.loads(text)
+        converted = data.get("converted_from")
+        return cls(
+            config=dict(data["config"]),
+            label_map=LabelMap.from_dict(data["label_map"]),
+            epoch=int(data["epoch"]),
+            step=int(data["step"]),
+            git_sha=str(data.get("git_sha", "unknown")),
+            ema=bool(data.get("ema", False)),
+            converted_from=ConvertedFrom(**converted) if converted else None,
+            format_version=format_version,
+        )
+
+
+@dataclass
+class TrainingState:
+    """Everything besides the weights that exact resume restores.
+
+    Attributes:
+        optimizer: ``optimizer.state_dict()``.
+        scheduler: ``lr_scheduler.state_dict()``.
+        rng: torch / numpy / python (/ cuda) generator states (``engine.state.rng_state``).
+        loop: epoch and step counters.
+        scaler: ``GradScaler.state_dict()`` with fp16, else None.
+        ema: ``WeightEMA.state_dict()`` when ``train.ema_decay`` is set, else None.
+    """
+
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any] = field(default_factory=dict)
+    loop: LoopState = field(default_factory=LoopState)
+    scaler: dict[str, Any] | None = None
+    ema: dict[str, Any] | None = None
+
+    def to_tree(self) -> dict[str, Any]:
+        """Plain nested dict for :class:`TreeEncoder` (the tensors are not copied)."""
+        return {
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "rng": self.rng,
+            "loop": vars(self.loop).copy(),
+            "scaler": self.scaler,
+            "ema": self.ema,
+        }
+
+    @classmethod
+    def from_tree(cls, tree: Mapping[str, Any]) -> TrainingState:
+        """Inverse of :meth:`to_tree`; raises KeyError / TypeError when malformed."""
+        return cls(
+            optimizer=tree["optimizer"],
+            scheduler=tree["scheduler"],
+            rng=tree["rng"],
+            loop=LoopState(**tree["loop"]),
+            scaler=tree["scaler"],
+            ema=tree["ema"],
+        )
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A loaded checkpoint.
+    """A loaded checkpoint file of either kind.
 
     Attributes:
+        path: the file.
         model: model state dict (CPU tensors unless another device was asked for).
-        state: the nested training state exactly as saved (tuples, int keys, numpy arrays).
-        meta: the JSON metadata given to :func:`save_checkpoint`.
+        meta: what the file says about itself.
+        training: the training state; None for weights files.
     """
 
+    path: Path
     model: dict[str, torch.Tensor]
-    state: Any
-    meta: dict[str, Any]
+    meta: CheckpointMeta
+    training: TrainingState | None = None
 
-
-# --------------------------------------------------------------------------- encoding
-
-
-class _Encoder:
-    """Turns a nested state into a JSON skeleton plus a flat ``name -> tensor`` dict."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Collect into ``tensors`` (shared with the caller)."""
-        self.tensors = tensors
-        self._storages: set[int] = set()
-
-    def add_tensor(self, name: str, tensor: torch.Tensor) -> str:
-        """Store ``tensor`` under a unique ``name`` (de-duplicated); returns the name used."""
-        unique, n = name, 1
-        while unique in self.tensors:
-            unique, n = f"{name}~{n}", n + 1
-        self.tensors[unique] = self._detached(tensor)
-        return unique
-
-    def _detached(self, tensor: torch.Tensor) -> torch.Tensor:
-        """CPU, contiguous, with storage not shared with any tensor already stored."""
-        if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_meta:
-            raise TypeError(f"cannot checkpoint a {tensor.layout} / quantized / meta tensor")
-        tensor = tensor.detach().to("cpu")
-        if tensor.untyped_storage().data_ptr() in self._storages or not tensor.is_contiguous():
-            # safetensors refuses shared storage; a copy is cheap next to the file write.
-            tensor = tensor.clone(memory_format=torch.contiguous_format)
-        if tensor.numel() > 0:
-            self._storages.add(tensor.untyped_storage().data_ptr())
-        return tensor
-
-    def encode(self, value: Any, path: str) -> list:
-        """JSON node of ``value``; tensors found at ``path`` go to ``self.tensors``."""
-        if value is None:
-            return ["none", None]
-        if isinstance(value, bool):
-            return ["bool", value]
-        if isinstance(value, int):
-            return ["int", str(value)]  # as text: exact for ints beyond 2**53 in any reader
-        if isinstance(value, float):
-            return ["float", repr(value)]  # repr round-trips exactly, inf and nan included
-        if isinstance(value, str):
-            return ["str", value]
-        if isinstance(value, torch.Tensor):
-            return ["tensor", self.add_tensor(path, value)]
-        if isinstance(value, np.ndarray):
-            return ["ndarray", self._encode_array(value, path)]
-        if isinstance(value, np.generic):
-            return [
-                "npscalar",
-                {"dtype": value.dtype.str, "value": self.encode(value.item(), path)},
-            ]
-        if isinstance(value, (list, tuple)):
-            items = [self.encode(v, f"{path}.{i}") for i, v in enumerate(value)]
-            return ["tuple" if isinstance(value, tuple) else "list", items]
-        if isinstance(value, Mapping):
-            return [
-                "dict",
-                [[self.encode(k, path), self.encode(v, f"{path}.{k}")] for k, v in value.items()],
-            ]
-        raise TypeError(f"cannot checkpoint a {type(value).__name__} at '{path}'")
-
-    def _encode_array(self, array: np.ndarray, path: str) -> dict[str, Any]:
-        """Store an ndarray's raw bytes as a uint8 tensor: exact for every numeric dtype."""
-        if array.dtype.hasobject:
-            raise TypeError(f"cannot checkpoint an object ndarray at '{path}'")
-        raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-        name = self.add_tensor(path, torch.from_numpy(raw.copy()))
-        return {"tensor": name, "dtype": array.dtype.str, "shape": list(array.shape)}
-
-
-def _decode(node: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    """Inverse of :meth:`_Encoder.encode`."""
-    tag, payload = node
-    if tag in ("none", "bool", "str"):
-        return payload
-    if tag == "int":
-        return int(payload)
-    if tag == "float":
-        return float(payload)
-    if tag == "tensor":
-        return tensors[payload]
-    if tag == "ndarray":
-        raw = tensors[payload["tensor"]].cpu().numpy().tobytes()
-        return np.frombuffer(raw, dtype=np.dtype(payload["dtype"])).reshape(payload["shape"]).copy()
-    if tag == "npscalar":
-        return np.dtype(payload["dtype"]).type(_decode(payload["value"], tensors))
-    if tag == "list":
-        return [_decode(n, tensors) for n in payload]
-    if tag == "tuple":
-        return tuple(_decode(n, tensors) for n in payload)
-    if tag == "dict":
-        return {_decode(k, tensors): _decode(v, tensors) for k, v in payload}
-    raise ValueError(f"unknown node tag {tag!r}")
+    def inference_weights(self) -> tuple[dict[str, torch.Tensor], str]:
+        """The weights to run: a training state's EMA when it kept one, else ``model``; with
+        "EMA" or "raw" saying which."""
+        weights, kind = inference_weights(self.model, self.training)
+        return weights, "EMA" if self.meta.ema else kind
 
 
 # --------------------------------------------------------------------------- save
@@ -171,38 +209,34 @@ def save_checkpoint(
     path: Path,
     *,
     model: Mapping[str, torch.Tensor],
-    state: Mapping[str, Any],
-    meta: Mapping[str, Any],
+    meta: CheckpointMeta,
+    training: TrainingState | None = None,
 ) -> None:
     """Write a checkpoint atomically to ``path`` (parent folders are created).
 
     Args:
         path: destination ``.safetensors`` file; replaced only once the new file is complete.
         model: model state dict (any device; copied to CPU).
-        state: nested dict/list/tuple of tensors, numpy arrays, int, float, str, bool and None,
-            e.g. ``{"optimizer": opt.state_dict(), "rng": {"python": random.getstate()}}``.
-        meta: JSON-able metadata (config dict, label map, epoch, step, git sha, ...).
+        meta: config, label map, epoch, step, ...
+        training: the training state for a resumable file; None writes a weights file.
 
     Raises:
-        TypeError: ``state`` holds an unsupported type, or ``meta`` is not JSON-able.
+        TypeError: the state holds an unsupported type, or the config is not plain JSON.
     """
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
-    encoder = _Encoder(tensors)
+    encoder = TreeEncoder(tensors)
+    prefix = _MODEL_PREFIX if training is not None else ""
     for key, tensor in model.items():
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"model entry '{key}' is a {type(tensor).__name__}, not a tensor")
-        encoder.add_tensor(_MODEL_PREFIX + key, tensor)
-    skeleton = encoder.encode(state, _STATE_PREFIX.rstrip("."))
-    try:
-        meta_json = json.dumps(dict(meta), allow_nan=False)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"checkpoint meta must be plain JSON: {err}") from None
-    metadata = {
-        _KEY_FORMAT: str(FORMAT_VERSION),
-        _KEY_META: meta_json,
-        _KEY_STATE: json.dumps(skeleton),
-    }
+        encoder.add_tensor(prefix + key, tensor)
+    metadata = {_KEY_FORMAT: str(FORMAT_VERSION), _KEY_META: meta.to_json()}
+    if training is None:
+        metadata[_KEY_KIND] = _KIND_WEIGHTS
+    else:
+        metadata[_KEY_KIND] = _KIND_TRAINING
+        metadata[_KEY_STATE] = json.dumps(encoder.encode(training.to_tree(), _STATE_PREFIX))
     _atomic_save(tensors, metadata, path)
 
 
@@ -213,6 +247,8 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
     os.close(fd)
     try:
         save_file(tensors, tmp_name, metadata=metadata)
+        # mkstemp creates the file 0600; give it the permissions of any file the user writes.
+        os.chmod(tmp_name, 0o666 & ~_current_umask())
         with open(tmp_name, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -220,6 +256,12 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
         Path(tmp_name).unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -240,14 +282,15 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def load_checkpoint(path: Path, *, device: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint`.
+    """Read a weights or training checkpoint written by :func:`save_checkpoint`.
 
     Args:
         path: the ``.safetensors`` file.
         device: where tensors are placed (numpy arrays are always host memory).
 
     Raises:
-        UserError: the file is missing, corrupt, not a detrkit checkpoint, or from a newer format.
+        UserError: the file is missing, corrupt, not a detrkit checkpoint, or of another format
+            version; the message names the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -260,24 +303,41 @@ def load_checkpoint(path: Path, *, device: str | torch.device = "cpu") -> Checkp
         raise UserError(
             f"cannot read checkpoint {path}: corrupt or not safetensors ({err})"
         ) from None
-    if _KEY_FORMAT not in metadata:
-        raise UserError(f"{path} is a safetensors file but not a detrkit checkpoint (no metadata)")
-    version = metadata[_KEY_FORMAT]
-    if not version.isdigit() or int(version) > FORMAT_VERSION:
-        raise UserError(
-            f"{path} has checkpoint format {version}; this detrkit reads up to {FORMAT_VERSION}"
-        )
+    version = _format_version(path, metadata)
     try:
-        meta = json.loads(metadata[_KEY_META])
-        state = _decode(json.loads(metadata[_KEY_STATE]), tensors)
+        meta = CheckpointMeta.from_json(metadata[_KEY_META], version)
+        if metadata.get(_KEY_KIND) == _KIND_WEIGHTS:
+            return Checkpoint(path, tensors, meta)
+        tree = decode_tree(json.loads(metadata[_KEY_STATE]), tensors)
+        training = TrainingState.from_tree(tree)
     except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"cannot read checkpoint {path}: corrupt metadata ({err})") from None
+        raise UserError(f"cannot read checkpoint {path}: corrupt metadata ({err!r})") from None
     model = {
         key[len(_MODEL_PREFIX) :]: tensor
         for key, tensor in tensors.items()
         if key.startswith(_MODEL_PREFIX)
     }
-    return Checkpoint(model=model, state=state, meta=meta)
+    return Checkpoint(path, model, meta, training)
+
+
+def _format_version(path: Path, metadata: Mapping[str, str]) -> int:
+    """The file's format version; UserError unless it is :data:`FORMAT_VERSION`."""
+    if _KEY_FORMAT not in metadata:
+        raise UserError(f"{path} is a safetensors file but not a detrkit checkpoint (no metadata)")
+    version = metadata[_KEY_FORMAT]
+    if not version.isdigit():
+        raise UserError(f"cannot read checkpoint {path}: corrupt format version {version!r}")
+    if int(version) > FORMAT_VERSION:
+        raise UserError(
+            f"{path} has checkpoint format {version}; this detrkit reads format "
+            f"{FORMAT_VERSION}: upgrade detrkit to load it"
+        )
+    if int(version) < FORMAT_VERSION:
+        raise UserError(
+            f"{path} has the old checkpoint format {version}; this detrkit reads format "
+            f"{FORMAT_VERSION}: re-run 'detrkit convert' or the training with this version"
+        )
+    return int(version)
 
 
 # --------------------------------------------------------------------------- prune

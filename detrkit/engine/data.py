@@ -8,7 +8,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader, Dataset
 
 from detrkit.config.schema import DataConfig
-from detrkit.data.coco import CocoDetection, resolve_split
+from detrkit.data.coco import CocoDetection, UnknownCategoriesError, resolve_split
 from detrkit.data.labels import LabelMap
 from detrkit.data.lint import check_command, startup_check
 from detrkit.data.samplers import build_eval_loader, build_train_loader
@@ -16,8 +16,17 @@ from detrkit.data.transforms import build_eval_transforms, build_train_transform
 from detrkit.errors import UserError
 
 
-def open_split(cfg: DataConfig, split: str, train: bool, label_map: LabelMap | None = None):
+def open_split(
+    cfg: DataConfig,
+    split: str,
+    train: bool,
+    label_map: LabelMap | None = None,
+    known_categories_only: bool = False,
+):
     """The dataset of ``split`` under ``cfg.root`` with the train or eval transforms.
+
+    With ``known_categories_only`` (``label_map`` from a checkpoint), every category of the
+    annotation file must be one of ``label_map``'s classes; the file may have fewer.
 
     Runs the fast dataset check (``detrkit.data.lint.startup_check``): missing image files raise
     ``UserError``; boxes outside their image and empty images are logged as one warning.
@@ -27,7 +36,15 @@ def open_split(cfg: DataConfig, split: str, train: bool, label_map: LabelMap | N
     images_dir, annotations = resolve_split(Path(cfg.root), split)
     transforms = build_train_transforms(cfg) if train else build_eval_transforms(cfg)
     try:
-        dataset = CocoDetection(images_dir, annotations, transforms, label_map=label_map)
+        dataset = CocoDetection(
+            images_dir,
+            annotations,
+            transforms,
+            label_map=label_map,
+            known_categories_only=known_categories_only,
+        )
+    except UnknownCategoriesError:
+        raise  # not a data problem the linter lists
     except UserError as error:
         # The loader stops at the first broken entry; the linter lists all of them.
         raise UserError(f"{error}\nTo list every problem: {check_command(cfg.root)}") from None

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from detrkit.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -37,15 +39,56 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
-def choose_device(requested: str | None = None) -> torch.device:
-    """``requested`` if given, else CUDA, then MPS, then CPU."""
+_DEVICE_PATTERN = re.compile(r"cpu|mps|cuda(?::\d+)?")
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+
+
+def available_devices() -> list[str]:
+    """The devices this machine can run on, e.g. ``["cpu", "cuda", "cuda:0", "cuda:1"]``."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += ["cuda"] + [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if _mps_available():
+        found.append("mps")
+    return found
+
+
+def choose_device(requested: str | torch.device | None = None) -> torch.device:
+    """``requested`` if given, else CUDA, then MPS, then CPU.
+
+    Raises:
+        UserError: ``requested`` is no device name (valid: cpu, cuda, cuda:N, mps) or names one
+            this machine does not have; the message lists the available ones.
+    """
+    if isinstance(requested, torch.device):
+        return requested
     if requested:
-        return torch.device(requested)
+        return _checked_device(requested.strip().lower())
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _checked_device(name: str) -> torch.device:
+    # Checked here, not left to torch: an unknown name or a missing GPU would otherwise fail
+    # deep inside model building with a traceback.
+    available = ", ".join(available_devices())
+    if not _DEVICE_PATTERN.fullmatch(name):
+        raise UserError(
+            f"--device {name}: unknown device; valid: cpu, cuda, cuda:N, mps "
+            f"(available here: {available})"
+        )
+    if name not in available_devices():
+        why = "torch sees no CUDA GPU" if name.startswith("cuda") else "not available"
+        if name.startswith("cuda") and torch.cuda.is_available():
+            why = f"only {torch.cuda.device_count()} CUDA device(s)"
+        raise UserError(f"--device {name}: {why} on this machine; available: {available}")
+    return torch.device(name)
 
 
 def init_distributed(device: str | None = None) -> DistContext:

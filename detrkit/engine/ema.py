@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -47,8 +48,15 @@ class WeightEMA:
 
 
 def inference_weights(model_state: dict, training_state: Any) -> tuple[dict, str]:
-    """The weights a checkpoint is used with: its EMA when it has one, else the raw weights."""
-    ema = training_state.get("ema") if isinstance(training_state, dict) else None
+    """The weights a checkpoint is used with: its EMA when it has one, else the raw weights.
+
+    ``training_state`` is a ``TrainingState`` (its ``ema`` attribute), a mapping with an "ema"
+    entry, or None (a weights file).
+    """
+    if isinstance(training_state, Mapping):
+        ema = training_state.get("ema")
+    else:
+        ema = getattr(training_state, "ema", None)
     if ema:
         return ema["weights"], "EMA"
     return model_state, "raw"

@@ -1,38 +1,317 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Weights-only initialisation from another checkpoint, with a report of what was skipped."""
+"""Weights-only initialisation from another checkpoint (``train --init-from``).
+
+Class heads are matched by category: a row of the checkpoint's head moves to the row of the
+same category (same id and name) in this model, so fine-tuning a converted COCO checkpoint on
+COCO 2017's 80 classes keeps every trained row (and a softmax head's no-object row). Everything
+that still does not fit is re-initialised only with ``allow_partial``; the result is one short
+summary grouped by module.
+"""
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 from torch import Tensor, nn
 
+from detrkit.data.labels import LabelMap
+from detrkit.engine.checkpoint import load_checkpoint
+from detrkit.engine.state import inference_checkpoint, latest_checkpoint
 from detrkit.errors import UserError
 
+logger = logging.getLogger(__name__)
 
-def load_weights_report(
-    model: nn.Module, weights: Mapping[str, Tensor], allow_partial: bool
-) -> str:
-    """Load matching tensors; report missing, unexpected and re-initialised (shape-mismatched) keys.
+# Every class predictor of detrkit's models (decoder heads, two-stage proposal head, MS-DETR's
+# one-to-many heads) is a Linear of this name with one row per label (+ no-object).
+CLASS_HEAD = re.compile(r"(^|\.)(class_embed|class_heads)(\.\d+)?\.(weight|bias)$")
 
-    A class head of another size (fine-tuning on a new label set) is the usual mismatch; it is
-    skipped and keeps its fresh initialisation. Without ``allow_partial`` any mismatch is an error.
+
+@dataclass(frozen=True)
+class KeyGroup:
+    """Tensors of one top-level module, e.g. ``encoder (12 tensors)``."""
+
+    module: str
+    keys: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.module} ({_tensors(len(self.keys))})"
+
+
+@dataclass(frozen=True)
+class ClassHeadChange:
+    """What happened to the class heads.
+
+    Attributes:
+        tensors: class-head tensors of the model.
+        source_classes: classes of the checkpoint's label map.
+        target_classes: classes of this model's label map.
+        kept: labels whose rows came from the checkpoint by category (0 when loaded as is).
+        fresh_names: names of the classes whose rows were re-initialised.
+        no_object: the softmax no-object row came from the checkpoint.
+        as_is: the heads fit and were loaded unchanged (same categories or, when none match,
+            the same number of classes).
+    """
+
+    tensors: int
+    source_classes: int
+    target_classes: int
+    kept: int
+    fresh_names: tuple[str, ...]
+    no_object: bool
+    as_is: bool
+
+    @property
+    def complete(self) -> bool:
+        """Every row came from the checkpoint."""
+        return self.as_is or not self.fresh_names
+
+    def __str__(self) -> str:
+        head = f"class heads ({_tensors(self.tensors)}): "
+        if self.as_is:
+            return head + f"loaded as they are ({self.target_classes} classes)"
+        sizes = f"{self.source_classes} → {self.target_classes} classes"
+        if not self.kept:
+            return head + f"{sizes}, re-initialised"
+        no_object = " + no-object" if self.no_object else ""
+        if not self.fresh_names:
+            return head + f"{sizes}, rows taken by category id ({self.kept} classes{no_object})"
+        fresh = ", ".join(repr(n) for n in self.fresh_names[:4])
+        more = ", ..." if len(self.fresh_names) > 4 else ""
+        return head + (
+            f"{sizes}, {self.kept} rows taken by category id{no_object}, "
+            f"{len(self.fresh_names)} re-initialised ({fresh}{more})"
+        )
+
+
+@dataclass(frozen=True)
+class InitReport:
+    """Outcome of ``load_init_weights``.
+
+    Attributes:
+        loaded: tensors taken from the checkpoint (class heads included).
+        class_heads: the class heads' fate, None when the model has none.
+        mismatched: other tensors re-initialised because their shapes differ.
+        missing: model tensors the checkpoint lacks (kept fresh).
+        unexpected: checkpoint tensors the model lacks (ignored).
+    """
+
+    loaded: int
+    reinitialised: int
+    class_heads: ClassHeadChange | None
+    mismatched: tuple[KeyGroup, ...] = ()
+    missing: tuple[KeyGroup, ...] = ()
+    unexpected: tuple[KeyGroup, ...] = ()
+
+    @property
+    def partial(self) -> bool:
+        """Something was not loaded (needs ``allow_partial``)."""
+        heads_ok = self.class_heads is None or self.class_heads.complete
+        return not heads_ok or bool(self.mismatched or self.missing or self.unexpected)
+
+    def format(self) -> str:
+        """E.g. ``312 tensors loaded, 7 re-initialised; class heads (7 tensors): 91 → 3
+        classes, re-initialised``."""
+        parts = [f"{_tensors(self.loaded)} loaded, {self.reinitialised} re-initialised"]
+        if self.class_heads is not None:
+            parts.append(str(self.class_heads))
+        if self.mismatched:
+            parts.append("shape differs: " + _join(self.mismatched))
+        if self.missing:
+            parts.append("not in the checkpoint: " + _join(self.missing))
+        if self.unexpected:
+            parts.append("not in this model (ignored): " + _join(self.unexpected))
+        return "; ".join(parts)
+
+
+def load_init_weights(
+    model: nn.Module,
+    weights: Mapping[str, Tensor],
+    allow_partial: bool,
+    source: LabelMap | None = None,
+    target: LabelMap | None = None,
+) -> InitReport:
+    """Load ``weights`` into ``model``, class heads matched by category.
+
+    Args:
+        weights: the checkpoint's model tensors.
+        allow_partial: re-initialise what does not fit instead of raising.
+        source: the checkpoint's label map (its class names), if known.
+        target: this model's (the dataset's) label map.
+
+    Raises:
+        UserError: something does not fit and ``allow_partial`` is off.
     """
     own = model.state_dict()
-    mismatched = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
-    usable = {k: v for k, v in weights.items() if k in own and k not in mismatched}
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    problems = bool(mismatched or missing or unexpected)
-    if problems and not allow_partial:
+    head_keys = [k for k in own if CLASS_HEAD.search(k) and k in weights]
+    usable = {k: v for k, v in weights.items() if k in own and k not in head_keys}
+    mismatched = [k for k, v in usable.items() if own[k].shape != v.shape]
+    for key in mismatched:
+        del usable[key]
+    heads, change = _class_heads(own, weights, head_keys, source, target)
+    usable.update(heads)
+    report = InitReport(
+        loaded=len(usable),
+        reinitialised=len(own) - len(usable),
+        class_heads=change,
+        mismatched=_grouped(mismatched),
+        missing=_grouped([k for k in own if k not in weights]),
+        unexpected=_grouped([k for k in weights if k not in own]),
+    )
+    if report.partial and not allow_partial:
         raise UserError(
-            "--init-from weights do not fit this model: "
-            f"{len(mismatched)} shape mismatches {mismatched[:4]}, {len(missing)} missing "
-            f"{missing[:4]}, {len(unexpected)} unexpected {unexpected[:4]}; pass --allow-partial "
-            "to load what fits and re-initialise the rest"
+            f"--init-from weights do not fit this model ({report.format()}); pass "
+            "--allow-partial to load what fits and re-initialise the rest"
         )
     model.load_state_dict(usable, strict=False)
-    return (
-        f"{len(usable)} tensors loaded; re-initialised (shape mismatch): {mismatched}; "
-        f"missing: {missing}; unexpected: {unexpected}"
+    return report
+
+
+def _class_heads(
+    own: Mapping[str, Tensor],
+    weights: Mapping[str, Tensor],
+    keys: list[str],
+    source: LabelMap | None,
+    target: LabelMap | None,
+) -> tuple[dict[str, Tensor], ClassHeadChange | None]:
+    """The class-head tensors to load and what was done to them."""
+    if not keys:
+        return {}, None
+    rows = _row_sources(source, target) if source and target else None
+    extra = _extra_rows(own, weights, keys, source, target) if rows else None
+    fits = all(own[k].shape == weights[k].shape for k in keys)
+    identity = rows == list(range(len(rows or ()))) and source.num_classes == target.num_classes
+    sizes = dict(
+        tensors=len(keys),
+        source_classes=source.num_classes if source else _logits(weights[keys[0]]),
+        target_classes=target.num_classes if target else _logits(own[keys[0]]),
     )
+    if rows is None or extra is None or not any(r is not None for r in rows) or identity:
+        if target and source and not identity:
+            _warn_names(source, target)
+        if fits:  # no category in common (or no names): keep the old positional behaviour
+            change = ClassHeadChange(**sizes, kept=0, fresh_names=(), no_object=False, as_is=True)
+            return {k: weights[k] for k in keys}, change
+        names = target.names if target else ()
+        change = ClassHeadChange(**sizes, kept=0, fresh_names=names, no_object=False, as_is=False)
+        return {}, change
+    fresh = tuple(target.names[i] for i, r in enumerate(rows) if r is None)
+    if fresh:
+        _warn_names(source, target)
+    tensors = {k: _take_rows(own[k], weights[k], rows, extra) for k in keys}
+    kept = sum(r is not None for r in rows)
+    change = ClassHeadChange(
+        **sizes, kept=kept, fresh_names=fresh, no_object=extra == 1, as_is=False
+    )
+    return tensors, change
+
+
+def _row_sources(source: LabelMap, target: LabelMap) -> list[int | None]:
+    """Per target label, the source label of the same category id and name, else None."""
+    used = set(source.used_ids)
+    rows: list[int | None] = []
+    for category, name in zip(target.category_ids, target.names, strict=True):
+        same = category in used and _same_name(source.name_of(category), name)
+        rows.append(source.to_label(category) if same else None)
+    return rows
+
+
+def _extra_rows(own, weights, keys, source: LabelMap, target: LabelMap) -> int | None:
+    """Rows past the classes (1: softmax no-object, 0: none) when every head agrees, else None
+    (the heads do not have the label maps' layout and cannot be matched by category)."""
+    extras = {
+        (_logits(weights[k]) - source.num_classes, _logits(own[k]) - target.num_classes)
+        for k in keys
+    }
+    if len(extras) != 1:
+        return None
+    ((from_checkpoint, in_model),) = extras
+    trailing = all(own[k].shape[1:] == weights[k].shape[1:] for k in keys)
+    return from_checkpoint if from_checkpoint == in_model in (0, 1) and trailing else None
+
+
+def _take_rows(fresh: Tensor, trained: Tensor, rows: list[int | None], extra: int) -> Tensor:
+    """``fresh`` [R_new, ...] with row i replaced by ``trained[rows[i]]`` where known and the
+    trailing no-object row (``extra`` 1) by the trained one."""
+    out = fresh.clone()
+    index = [i for i, r in enumerate(rows) if r is not None]
+    out[index] = trained[[rows[i] for i in index]].to(out.dtype)
+    if extra:
+        out[-1] = trained[-1].to(out.dtype)
+    return out
+
+
+def _warn_names(source: LabelMap, target: LabelMap) -> None:
+    if source.used_ids == target.used_ids and all(
+        _same_name(source.name_of(c), target.name_of(c)) for c in target.category_ids
+    ):
+        return
+    rows = _row_sources(source, target)
+    differ = [
+        f"{c} '{n}'" + (f" (is '{source.name_of(c)}' there)" if c in source.category_ids else "")
+        for c, n, r in zip(target.category_ids, target.names, rows, strict=True)
+        if r is None
+    ]
+    logger.warning(
+        "the class names of the --init-from checkpoint and the dataset differ: %d of the "
+        "dataset's %d classes are not in the checkpoint by category id and name: %s%s",
+        len(differ),
+        target.num_classes,
+        ", ".join(differ[:6]),
+        ", ..." if len(differ) > 6 else "",
+    )
+
+
+def _same_name(a: str, b: str) -> bool:
+    return a.strip().lower() == b.strip().lower()
+
+
+def _logits(tensor: Tensor) -> int:
+    return int(tensor.shape[0]) if tensor.dim() else 0
+
+
+def _grouped(keys: list[str]) -> tuple[KeyGroup, ...]:
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(key.split(".", 1)[0], []).append(key)
+    return tuple(KeyGroup(module, tuple(found)) for module, found in groups.items())
+
+
+def _join(groups: tuple[KeyGroup, ...]) -> str:
+    return ", ".join(str(g) for g in groups)
+
+
+def _tensors(count: int) -> str:
+    return f"{count} tensor" + ("" if count == 1 else "s")
+
+
+def init_from_checkpoint(
+    model: nn.Module, path: Path, allow_partial: bool, target: LabelMap
+) -> tuple[Path, InitReport]:
+    """``--init-from``: load the weights of a checkpoint file or of a run folder (its newest
+    training state, else its ``model.safetensors``) into ``model``, class heads matched by
+    category; returns the file used and the report."""
+    found = find_init_checkpoint(path)
+    checkpoint = load_checkpoint(found)
+    report = load_init_weights(
+        model, checkpoint.model, allow_partial, checkpoint.meta.label_map, target
+    )
+    return found, report
+
+
+def find_init_checkpoint(path: Path) -> Path:
+    """The file ``--init-from`` names: the file itself, or a run's newest training state, else
+    its inference weights."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"--init-from {path}: no such checkpoint file or run folder")
+    found = latest_checkpoint(path) or inference_checkpoint(path)
+    if found is None:
+        raise UserError(
+            f"--init-from {path}: no detrkit checkpoint there; give a .safetensors file or a "
+            "run folder"
+        )
+    return found

@@ -21,6 +21,11 @@ class StepResult:
     """What one step produced (loss values averaged over micro-batches, unweighted terms).
 
     Attributes:
+        loss: the weighted total on the host (it is read for the finite check anyway).
+        terms: every unweighted loss term (``{group}/{term}/d{layer}``), detached and still on
+            the device: the logger reads them once per log interval, so the step itself costs no
+            host transfer per term.
+        grad_norm: the global gradient norm before clipping, on the host.
         finite: False when the loss or the gradients were non-finite in a way loss scaling
             cannot explain; such steps count towards ``train.max_nonfinite_steps``.
         updated: whether the optimiser stepped (fp16 also skips steps whose scaled gradients
@@ -28,7 +33,7 @@ class StepResult:
     """
 
     loss: float
-    terms: dict[str, float]
+    terms: dict[str, Tensor]
     grad_norm: float
     finite: bool
     updated: bool = True
@@ -55,7 +60,8 @@ def train_step(
     the same steps, or their weights drift apart).
     """
     optimizer.zero_grad(set_to_none=True)
-    total, terms = 0.0, {}
+    total: Tensor | None = None
+    terms: dict[str, Tensor] = {}
     for index, (images, targets) in enumerate(micro_batches):
         with _no_sync(model, index == len(micro_batches) - 1):
             with precision.autocast():
@@ -63,18 +69,21 @@ def train_step(
             losses = criterion(output, targets)  # fp32, outside autocast
             loss = losses.total / len(micro_batches)
             (precision.scaler.scale(loss) if precision.scaler else loss).backward()
-        total += loss.item()
+        # Detached device sums, no .item(): a host sync per term per micro-batch stalls the GPU.
+        total = _add(total, loss.detach())
         for name, value in losses.terms.items():
-            terms[name] = terms.get(name, 0.0) + value.item() / len(micro_batches)
+            terms[name] = _add(terms.get(name), value.detach() / len(micro_batches))
     if precision.scaler:
         precision.scaler.unscale_(optimizer)
-    grad_norm = _grad_norm(model, max_grad_norm)
+    norm = _grad_norm(model, max_grad_norm, total.device)
+    # The step's one device->host transfer: deciding whether to step needs both on the host.
+    loss_value, grad_norm = torch.stack([total.float(), norm.float()]).tolist()
     grads_finite = math.isfinite(grad_norm)
     if precision.scaler:
         # An overflow at a scale >= 1 is the scaler's business; below 1 the gradients are
         # non-finite at any scale.
         grads_finite = grads_finite or precision.scaler.get_scale() >= 1.0
-    finite = all_finite(math.isfinite(total) and grads_finite)
+    finite = all_finite(math.isfinite(loss_value) and grads_finite)
     updated = finite and math.isfinite(grad_norm)
     if precision.scaler:
         if finite:
@@ -83,15 +92,20 @@ def train_step(
     elif updated:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(total, terms, grad_norm, finite, updated)
+    return StepResult(loss_value, terms, grad_norm, finite, updated)
 
 
-def _grad_norm(model: nn.Module, max_norm: float | None) -> float:
+def _add(accumulated: Tensor | None, value: Tensor) -> Tensor:
+    return value if accumulated is None else accumulated + value
+
+
+def _grad_norm(model: nn.Module, max_norm: float | None, device: torch.device) -> Tensor:
+    """The global gradient norm (clipping to ``max_norm`` if set), left on the device."""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
-        return 0.0
+        return torch.zeros((), device=device)
     if max_norm:
         norm: Tensor = torch.nn.utils.clip_grad_norm_(params, max_norm)
     else:
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-    return norm.item()
+    return norm.to(device)

@@ -6,12 +6,11 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from detrkit.config.build import build_criterion, build_model, build_postprocess, build_tta
 from detrkit.config.load import dump_config
@@ -20,41 +19,51 @@ from detrkit.config.validate import config_to_dict
 from detrkit.data.labels import LabelMap
 from detrkit.data.samplers import resumable_sampler
 from detrkit.engine import distributed as dist
-from detrkit.engine.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from detrkit.engine.checkpoint import (
+    CheckpointMeta,
+    TrainingState,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from detrkit.engine.compile import compile_regions
 from detrkit.engine.data import eval_loader, open_split, train_loader
 from detrkit.engine.ema import WeightEMA
 from detrkit.engine.evaluate import evaluate
+from detrkit.engine.init import init_from_checkpoint
 from detrkit.engine.logging import JsonlWriter
+from detrkit.engine.meter import LossMeter
 from detrkit.engine.optim import build_lr_scheduler, build_optimizer, describe_param_groups
 from detrkit.engine.precision import Precision
+from detrkit.engine.progress import Progress
+from detrkit.engine.resume import read_resume_checkpoint, remove_stale_temp_files
 from detrkit.engine.state import (
+    CHECKPOINT_DIR,
     CHECKPOINT_PATTERN,
+    EMA_FILE,
+    MODEL_FILE,
+    LoopState,
     checkpoint_path,
     git_sha,
     restore_rng_state,
     rng_state,
     seed_everything,
 )
-from detrkit.engine.step import train_step
+from detrkit.engine.step import StepResult, train_step
+from detrkit.engine.summary import (
+    EpochSummary,
+    EpochTally,
+    display_epoch,
+    summarize_run,
+    warn_random_backbone,
+)
+from detrkit.engine.tensorboard import TensorBoardLog, tensorboard_wanted
 from detrkit.errors import UserError
 
 logger = logging.getLogger(__name__)
-FORMAT_VERSION = 1
 
 
 class TrainingDiverged(UserError):
     """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-@dataclass
-class LoopState:
-    """Counters saved in checkpoints: the next epoch to run and the position inside it."""
-
-    epoch: int = 0
-    step: int = 0
-    steps_in_epoch: int = 0
-    nonfinite_streak: int = 0
 
 
 class Trainer:
@@ -81,7 +90,37 @@ class Trainer:
     ) -> None:
         self.cfg, self.output_dir = cfg, Path(output_dir)
         self.ctx = dist.init_distributed(device)
+        self.use_tensorboard = tensorboard_wanted(cfg.train.tensorboard)  # fails fast if missing
         seed_everything(cfg.train.seed + self.ctx.rank)
+        self._open_data()
+        self._build_model()
+        self.loop = LoopState()
+        self.last_table = ""
+        self.checkpoint_dir = self.output_dir / CHECKPOINT_DIR
+        if resume is None and any(self.checkpoint_dir.glob(CHECKPOINT_PATTERN)):
+            raise UserError(
+                f"{self.output_dir} already holds a run; pass --resume "
+                f"{self.output_dir} to continue it or choose another --output-dir"
+            )
+        self.log = JsonlWriter(self.output_dir / "metrics.jsonl", self.ctx.is_main)
+        self.meter = LossMeter()
+        self.tensorboard = TensorBoardLog(self.output_dir, enabled=False)  # opened by fit
+        self._interval_started = time.perf_counter()
+        if init_from:
+            self._init_from(init_from, allow_partial)
+        if resume:
+            self._resume(resume)
+        if cfg.train.compile:
+            compile_regions(self.model)
+        self.ddp_model = self._wrap(self.model)
+        if self.ctx.is_main:
+            logger.info(summarize_run(self, self._steps_per_epoch()).format())
+            logger.info(describe_param_groups(self.optimizer.param_groups))
+            if resume is None and init_from is None:  # otherwise the checkpoint has the weights
+                warn_random_backbone(cfg)
+
+    def _open_data(self) -> None:
+        cfg = self.cfg
         self.train_set = open_split(cfg.data, cfg.data.train_split, train=True)
         self.label_map: LabelMap = self.train_set.label_map
         self.val_set = open_split(
@@ -93,6 +132,10 @@ class Trainer:
                 f"model.num_classes={cfg.model.num_classes} but {cfg.data.root} has "
                 f"{self.num_classes} categories; remove the key to take it from the data"
             )
+
+    def _build_model(self) -> None:
+        """Model, criterion, postprocessor, optimiser, schedule, precision, EMA, data loader."""
+        cfg = self.cfg
         self.model = build_model(cfg.model, self.num_classes).to(self.ctx.device)
         self.criterion = build_criterion(
             cfg.model, self.num_classes, reduce_num_boxes=dist.all_reduce_mean
@@ -110,23 +153,6 @@ class Trainer:
             rank=self.ctx.rank,
             world_size=self.ctx.world_size,
         )
-        self.loop = LoopState()
-        self.last_table = ""
-        self.checkpoint_dir = self.output_dir / "checkpoints"
-        self.log = JsonlWriter(self.output_dir / "metrics.jsonl", self.ctx.is_main)
-        if resume is None and any(self.checkpoint_dir.glob(CHECKPOINT_PATTERN)):
-            raise UserError(
-                f"{self.output_dir} already holds a run; pass --resume "
-                f"{self.output_dir} to continue it or choose another --output-dir"
-            )
-        if init_from:
-            self._init_from(init_from, allow_partial)
-        if resume:
-            self._resume(resume)
-        if cfg.train.compile:
-            compile_regions(self.model)
-        self.ddp_model = self._wrap(self.model)
-        logger.info(describe_param_groups(self.optimizer.param_groups))
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if not self.ctx.distributed:
@@ -144,73 +170,72 @@ class Trainer:
         return resumable_sampler(self.loader)
 
     # ------------------------------------------------------------------ checkpoints
-    def state(self) -> dict:
+    def state(self) -> TrainingState:
+        """Everything besides the weights that exact resume restores."""
         scaler = self.precision.scaler
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler else None,
-            "rng": rng_state(),
-            "loop": vars(self.loop).copy(),
-            "ema": self.ema.state_dict() if self.ema else None,
-        }
+        return TrainingState(
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            rng=rng_state(),
+            loop=replace(self.loop),
+            scaler=scaler.state_dict() if scaler else None,
+            ema=self.ema.state_dict() if self.ema else None,
+        )
 
-    def meta(self) -> dict:
-        return {
-            "format_version": FORMAT_VERSION,
-            "config": config_to_dict(self.cfg),
-            "label_map": self.label_map.to_dict(),
-            "epoch": self.loop.epoch,
-            "step": self.loop.step,
-            "git_sha": git_sha(),
-        }
+    def meta(self, *, ema: bool = False) -> CheckpointMeta:
+        """Config, label map and counters written into every checkpoint file of the run."""
+        return CheckpointMeta(
+            config=config_to_dict(self.cfg),
+            label_map=self.label_map,
+            epoch=self.loop.epoch,
+            step=self.loop.step,
+            git_sha=git_sha(),
+            ema=ema,
+        )
 
     def save(self) -> Path | None:
-        """Write a checkpoint of the current state (rank 0) and prune old ones."""
+        """Write (rank 0) the training state to ``checkpoints/checkpoint_<step>.safetensors``,
+        keeping the last ``train.keep_last``, and the weights to ``model.safetensors`` (and
+        ``model_ema.safetensors``); returns the training state's path."""
         path = checkpoint_path(self.checkpoint_dir, self.loop.step)
         if self.ctx.is_main:
-            save_checkpoint(
-                path, model=self.model.state_dict(), state=self.state(), meta=self.meta()
-            )
+            weights, meta = self.model.state_dict(), self.meta()
+            save_checkpoint(path, model=weights, meta=meta, training=self.state())
+            save_checkpoint(self.output_dir / MODEL_FILE, model=weights, meta=meta)
+            if self.ema is not None:
+                save_checkpoint(
+                    self.output_dir / EMA_FILE,
+                    model=self.ema.module.state_dict(),
+                    meta=self.meta(ema=True),
+                )
             prune_checkpoints(self.checkpoint_dir, CHECKPOINT_PATTERN, self.cfg.train.keep_last)
         dist.barrier()
         return path
 
     def _resume(self, path: Path) -> None:
-        checkpoint = load_checkpoint(path)
-        saved_map = LabelMap.from_dict(checkpoint.meta["label_map"])
-        if saved_map != self.label_map:
-            raise UserError(
-                f"{path} was trained on other categories than {self.cfg.data.root}; "
-                "use --init-from to fine-tune on a new label set"
-            )
+        checkpoint = read_resume_checkpoint(
+            path, self.label_map, self.cfg.data.root, needs_ema=self.ema is not None
+        )
+        state = checkpoint.training
         self.model.load_state_dict(checkpoint.model, strict=True)
-        state = checkpoint.state
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.precision.scaler and state["scaler"]:
-            self.precision.scaler.load_state_dict(state["scaler"])
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        if self.precision.scaler and state.scaler:
+            self.precision.scaler.load_state_dict(state.scaler)
         if self.ema is not None:
-            if not state.get("ema"):
-                raise UserError(
-                    f"{path} has no EMA weights but train.ema_decay is set; resume with the "
-                    "config it was trained with, or start from it with --init-from"
-                )
-            self.ema.load_state_dict(state["ema"])
-        self.loop = LoopState(**state["loop"])
-        restore_rng_state(state["rng"])
-        if self.ctx.is_main:  # a killed run leaves its half-written checkpoint behind
-            for stale in self.checkpoint_dir.glob(".checkpoint_*.tmp"):
-                stale.unlink(missing_ok=True)
+            self.ema.load_state_dict(state.ema)
+        self.loop = state.loop
+        restore_rng_state(state.rng)
+        if self.ctx.is_main:
+            remove_stale_temp_files(self.checkpoint_dir, self.output_dir)
+        epoch = display_epoch(self.loop.epoch, self.loop.steps_in_epoch)
         # Records after this line supersede those of the interrupted run for the same steps.
-        self.log.write({"kind": "resume", "epoch": self.loop.epoch, "step": self.loop.step})
-        logger.info("resumed from %s at epoch %d, step %d", path, self.loop.epoch, self.loop.step)
+        self.log.write({"kind": "resume", "epoch": epoch, "step": self.loop.step})
+        logger.info("resumed from %s at epoch %d, step %d", path, epoch, self.loop.step)
 
     def _init_from(self, path: Path, allow_partial: bool) -> None:
-        from detrkit.engine.init import load_weights_report
-
-        report = load_weights_report(self.model, load_checkpoint(path).model, allow_partial)
-        logger.info("initialised from %s: %s", path, report)
+        found, report = init_from_checkpoint(self.model, path, allow_partial, self.label_map)
+        logger.info("initialised from %s: %s", found, report.format())
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict | None:
@@ -218,12 +243,22 @@ class Trainer:
         if self.ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_config(self.cfg, self.output_dir / "config.yaml")
+        enabled = self.ctx.is_main and self.use_tensorboard
+        self.tensorboard = TensorBoardLog(self.output_dir, enabled)
+        try:
+            return self._fit()
+        finally:
+            self.tensorboard.close()
+
+    def _fit(self) -> dict | None:
         metrics = None
+        self._interval_started = time.perf_counter()
         done = self.loop.epoch >= self.cfg.train.epochs or self._step_limit_reached()
         while not done:
-            self._train_epoch()
+            summary = self._train_epoch()
             finished = self._epoch_finished()
             if finished:
+                self._report_epoch(summary)
                 self.scheduler.step()
                 self.loop.epoch += 1
                 self.loop.steps_in_epoch = 0
@@ -245,31 +280,37 @@ class Trainer:
     def _epoch_finished(self) -> bool:
         return self.loop.steps_in_epoch >= self._steps_per_epoch()
 
-    def _train_epoch(self) -> None:
+    def _train_epoch(self) -> EpochSummary:
+        """Run the rest of the current epoch (or up to ``train.max_steps``)."""
         accum = self.cfg.train.grad_accum_steps
         self.sampler.set_epoch(self.loop.epoch)
         self.sampler.skip(self.loop.steps_in_epoch * accum * self.cfg.data.batch_size)
         batches = iter(self.loader)
         remaining = self._steps_per_epoch() - self.loop.steps_in_epoch
-        progress = tqdm(
-            total=remaining,
-            disable=not self.ctx.is_main,
-            leave=False,
-            desc=f"epoch {self.loop.epoch}",
-            dynamic_ncols=True,
-        )
-        for _ in range(remaining):
-            micro = [self._to_device(b) for b in itertools.islice(batches, accum)]
-            self._one_step(micro, progress)
-            if self._step_limit_reached():
-                break
-        progress.close()
+        tally = EpochTally(self.loop.epoch + 1, self.cfg.train.epochs, self.ctx.world_size)
+        # No plain progress lines: the log line every train.log_every steps is the progress.
+        bar = Progress(remaining, tally.desc, every=1, enabled=self.ctx.is_main, plain_lines=False)
+        with bar:
+            for _ in range(remaining):
+                micro = [self._to_device(b) for b in itertools.islice(batches, accum)]
+                result = self._one_step(micro)
+                tally.add(result, sum(len(targets) for _, targets in micro))
+                bar.update(f"loss {result.loss:.3f}")
+                if self._step_limit_reached():
+                    break
+            self._flush_log()  # the epoch's (or the run's) last, partial interval
+        return tally.summary(self.optimizer.param_groups[0]["lr"])
+
+    def _report_epoch(self, summary: EpochSummary) -> None:
+        if self.ctx.is_main:
+            logger.info(summary.format())
+        self.log.write(summary.record(self.loop.step))
 
     def _to_device(self, batch):
         images, targets = batch
         return images.to(self.ctx.device), [t.to(self.ctx.device) for t in targets]
 
-    def _one_step(self, micro, progress) -> None:
+    def _one_step(self, micro) -> StepResult:
         started = time.perf_counter()
         self.ddp_model.train()
         result = train_step(
@@ -286,23 +327,55 @@ class Trainer:
         if self.ema is not None and result.updated:
             self.ema.update(self.model)
         self._check_finite(result, micro)
-        progress.set_postfix(loss=f"{result.loss:.3f}")
-        progress.update()
+        self.meter.add(result, time.perf_counter() - started)
         if self.loop.step % self.cfg.train.log_every == 0 or self.loop.step == 1:
-            self.log.write(
-                {
-                    "kind": "train",
-                    "epoch": self.loop.epoch,
-                    "step": self.loop.step,
-                    "loss": dist.mean_over_ranks(result.loss),
-                    "grad_norm": result.grad_norm,
-                    "lr": self.optimizer.param_groups[0]["lr"],  # the default group
-                    "seconds": time.perf_counter() - started,
-                }
-            )
+            self._flush_log()
         every = self.cfg.train.checkpoint_every
         if every and self.loop.step % every == 0 and not self._epoch_finished():
             self.save()
+        return result
+
+    def _flush_log(self) -> None:
+        """One record of the interval's means: metrics.jsonl, TensorBoard and the console.
+
+        Every rank calls it at the same steps: the means over ranks are one collective.
+        """
+        if not self.meter.steps:
+            return
+        stats = self.meter.flush(dist.all_reduce_mean, self.ctx.device)
+        now = time.perf_counter()
+        wall, self._interval_started = (now - self._interval_started) / stats.steps, now
+        lr = self.optimizer.param_groups[0]["lr"]  # the default group
+        epoch = display_epoch(self.loop.epoch, self.loop.steps_in_epoch)
+        scalars = {"loss": stats.loss, "grad_norm": stats.grad_norm, "lr": lr}
+        self.log.write(
+            {
+                "kind": "train",
+                "epoch": epoch,
+                "step": self.loop.step,
+                "steps": stats.steps,
+                "skipped": stats.skipped,
+                **scalars,
+                "seconds": stats.seconds,  # mean per step of train_step alone
+                **stats.terms,
+            }
+        )
+        self.tensorboard.scalars("train", {**scalars, **stats.terms}, self.loop.step)
+        if self.ctx.is_main:
+            line = stats.console_line(
+                epoch=epoch,
+                epochs=self.cfg.train.epochs,
+                step=self.loop.step,
+                total_steps=self._total_steps(),
+                lr=lr,
+                wall=wall,
+            )
+            logger.info(line)
+
+    def _total_steps(self) -> int:
+        train = self.cfg.train
+        total = train.epochs * self._steps_per_epoch()
+        return total if train.max_steps is None else min(total, train.max_steps)
 
     def _check_finite(self, result, micro) -> None:
         if result.finite:
@@ -340,8 +413,15 @@ class Trainer:
             self.ctx.device,
             self.precision,
             build_tta(self.cfg),
+            show_progress=self.ctx.is_main,
+            log_every=self.cfg.train.log_every,
         )
+        epoch = display_epoch(self.loop.epoch, self.loop.steps_in_epoch)
         if self.ctx.is_main:
-            report_eval(metrics, results, self.output_dir, self.loop, self.log)
+            report_eval(
+                metrics, results, self.output_dir, epoch=epoch, step=self.loop.step, log=self.log
+            )
+        self.tensorboard.scalars("eval", metrics.as_dict(), self.loop.step)
+        self.tensorboard.flush()
         self.last_table = metrics.format_table()
         return metrics.as_dict()

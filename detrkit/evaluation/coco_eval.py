@@ -20,13 +20,15 @@ import json
 import logging
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
 
+from detrkit.data.labels import NO_CATEGORY
 from detrkit.errors import UserError
 from detrkit.structures import Detections
 
@@ -54,6 +56,24 @@ EvalState = dict[int, list[dict]]
 
 
 @dataclass(frozen=True)
+class ClassAP:
+    """Box AP of one category, from the COCOeval precision array (area all, 100 detections).
+
+    ``AP`` (IoU 0.50:0.95) and ``AP50`` are None for a category with no ground-truth box among
+    the evaluated images: COCO has nothing to average there (shown as "-").
+    """
+
+    category_id: int
+    name: str
+    num_gt: int
+    AP: float | None
+    AP50: float | None
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class CocoMetrics:
     """The twelve standard COCO box numbers, in ``COCOeval.stats`` order.
 
@@ -73,22 +93,24 @@ class CocoMetrics:
     ARs: float
     ARm: float
     ARl: float
+    # Not one of the 12 numbers: left out of as_dict, format_table and equality.
+    per_class: tuple[ClassAP, ...] = field(default=(), compare=False, repr=False)
 
     @classmethod
-    def from_stats(cls, stats: Sequence[float]) -> CocoMetrics:
+    def from_stats(cls, stats: Sequence[float], per_class: Sequence[ClassAP] = ()) -> CocoMetrics:
         """Build from the first 12 entries of a ``COCOeval.stats`` array."""
         if len(stats) < NUM_COCO_STATS:
             raise ValueError(f"expected {NUM_COCO_STATS} COCO stats, got {len(stats)}")
-        return cls(*(float(value) for value in stats[:NUM_COCO_STATS]))
+        return cls(*(float(value) for value in stats[:NUM_COCO_STATS]), tuple(per_class))
 
     def as_dict(self) -> dict[str, float]:
-        """Name -> value, in the standard order ("AP", "AP50", ..., "ARl")."""
-        return asdict(self)
+        """Name -> value of the 12 numbers, in the standard order ("AP", "AP50", ..., "ARl")."""
+        return {f.name: getattr(self, f.name) for f in fields(self)[:NUM_COCO_STATS]}
 
     def format_table(self) -> str:
         """The familiar 12-line COCO summary, one metric per line (no trailing newline)."""
         lines = []
-        values = [getattr(self, f.name) for f in fields(self)]
+        values = [getattr(self, f.name) for f in fields(self)[:NUM_COCO_STATS]]
         for (kind, iou, area, max_dets), value in zip(_SUMMARY_ROWS, values, strict=True):
             title = "Average Precision" if kind == "AP" else "Average Recall"
             lines.append(
@@ -104,7 +126,8 @@ class CocoEvaluator:
     Args:
         annotation_json: path to a COCO annotation file, or the already-loaded dict (not mutated).
         label_to_category: ``label_to_category[label]`` is the dataset category id of contiguous
-            label ``label`` (category ids need not be contiguous).
+            label ``label`` (category ids need not be contiguous); ``NO_CATEGORY`` (-1) marks a
+            label that is not reported (``LabelMap.category_table``): its detections are dropped.
         all_gather: optional collective ``obj -> [obj_rank0, obj_rank1, ...]`` used by
             :meth:`synchronize`; ``None`` for a single process.
 
@@ -128,7 +151,7 @@ class CocoEvaluator:
 
     def _check_categories(self) -> None:
         known = set(self.coco_gt.getCatIds())
-        unknown = sorted(set(self.label_to_category.tolist()) - known)
+        unknown = sorted(set(self.label_to_category.tolist()) - known - {NO_CATEGORY})
         if unknown:
             raise UserError(
                 f"{self._source}: category ids {unknown} of the label map are not among the "
@@ -173,6 +196,8 @@ class CocoEvaluator:
                 f"{num_labels} classes of the label map; does the model's num_classes match "
                 f"the dataset ({self._source})?"
             )
+        reported = self.label_to_category[labels] != NO_CATEGORY
+        boxes, scores, labels = boxes[reported], scores[reported], labels[reported]
         categories = self.label_to_category[labels].tolist()
         boxes_xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
         return [
@@ -232,12 +257,12 @@ class CocoEvaluator:
             raise UserError(f"{self._source}: no image was evaluated; is the dataset empty?")
         captured = io.StringIO()
         with contextlib.redirect_stdout(captured):
-            stats = self._run_cocoeval()
+            stats, per_class = self._run_cocoeval()
         if captured.getvalue():
             logger.debug("faster-coco-eval output:\n%s", captured.getvalue().rstrip())
-        return CocoMetrics.from_stats(stats)
+        return CocoMetrics.from_stats(stats, per_class)
 
-    def _run_cocoeval(self) -> np.ndarray:
+    def _run_cocoeval(self) -> tuple[np.ndarray, list[ClassAP]]:
         # loadRes and COCOeval write "area", "id", "ignore", ... into the record dicts: copy them.
         coco_dt = self.coco_gt.loadRes(copy.deepcopy(self.results()))
         evaluator = COCOeval_faster(self.coco_gt, coco_dt, iouType="bbox", print_function=_discard)
@@ -245,7 +270,65 @@ class CocoEvaluator:
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-        return np.asarray(evaluator.stats, dtype=np.float64)
+        per_class = per_class_ap(
+            evaluator.eval["precision"], self.coco_gt, evaluator.params.catIds, self.image_ids
+        )
+        return np.asarray(evaluator.stats, dtype=np.float64), per_class
+
+
+def per_class_ap(
+    precision: np.ndarray, coco_gt: COCO, category_ids: Sequence[int], image_ids: Sequence[int]
+) -> list[ClassAP]:
+    """AP@[.5:.95] and AP50 of each category from COCOeval's accumulated precision array.
+
+    Args:
+        precision: ``eval["precision"]``, shape [IoU thresholds, recall points, categories,
+            area ranges, max detections]; -1 where a category has no ground truth.
+        coco_gt: the ground truth (category names, instance counts).
+        category_ids: ``params.catIds``, the order of the category axis.
+        image_ids: the evaluated images; only their boxes are counted.
+    """
+    # Area "all" (index 0) and the largest maxDets (100), as the headline AP; IoU 0.50 is row 0.
+    table = np.asarray(precision)[:, :, :, 0, -1]
+    evaluated = {int(i) for i in image_ids}
+    # Crowd regions are no instances: COCO neither requires nor counts a detection of them.
+    counts = Counter(
+        int(a["category_id"])
+        for a in coco_gt.anns.values()
+        if a["image_id"] in evaluated and not a.get("iscrowd", 0)
+    )
+    rows = []
+    for index, category_id in enumerate(int(c) for c in category_ids):
+        values = table[:, :, index]
+        found = values[values > -1]
+        at_50 = values[0][values[0] > -1]
+        rows.append(
+            ClassAP(
+                category_id=category_id,
+                name=str(coco_gt.cats[category_id].get("name", category_id)),
+                num_gt=counts[category_id],
+                AP=float(found.mean()) if found.size else None,
+                AP50=float(at_50.mean()) if at_50.size else None,
+            )
+        )
+    return rows
+
+
+def format_per_class_table(per_class: Sequence[ClassAP]) -> str:
+    """``category  id  instances  AP  AP50`` rows in percent, "-" where a class has no ground
+    truth (no trailing newline)."""
+    width = max([len("category"), *(len(row.name) for row in per_class)])
+    lines = [f"{'category':<{width}}  {'id':>5}  {'GT boxes':>8}  {'AP':>5}  {'AP50':>5}"]
+    for row in per_class:
+        lines.append(
+            f"{row.name:<{width}}  {row.category_id:>5}  {row.num_gt:>8}  "
+            f"{_percent(row.AP):>5}  {_percent(row.AP50):>5}"
+        )
+    return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
 
 
 def write_results_json(path: Path | str, results: Sequence[dict]) -> None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
@@ -18,14 +20,31 @@ def _scale_boxes(boxes_cxcywh: Tensor, image_sizes: Tensor) -> Tensor:
     return box_cxcywh_to_xyxy(boxes_cxcywh) * scale[:, None, :]
 
 
+def _mask_ignored(probs: Tensor, ignored: Tensor) -> Tensor:
+    """``probs`` [..., C] with the ``ignored`` labels' scores set to -1, below every real score,
+    so that they are never chosen (after the softmax: the probabilities stay the original's)."""
+    if not ignored.numel():
+        return probs
+    return probs.index_fill(-1, ignored.to(probs.device), -1.0)
+
+
 class SoftmaxPostprocess(nn.Module):
-    """DETR: softmax over C + 1 logits; each query scores its best real class; no top-k."""
+    """DETR: softmax over C + 1 logits; each query scores its best real class; no top-k.
+
+    Args:
+        ignored_labels: labels never reported (unused slots of a converted checkpoint's label
+            map); each query scores its best other class.
+    """
+
+    def __init__(self, ignored_labels: Sequence[int] = ()) -> None:
+        super().__init__()
+        self.register_buffer("ignored", torch.tensor(ignored_labels, dtype=torch.int64), False)
 
     @torch.no_grad()
     def forward(self, predictions: PredictionGroup, image_sizes: Tensor) -> list[Detections]:
         """predictions: group with logits [L, B, Q, C+1]; image_sizes: [B, 2] (h, w) to scale to."""
         probs = predictions.logits[-1].softmax(-1)
-        scores, labels = probs[..., :-1].max(-1)
+        scores, labels = _mask_ignored(probs[..., :-1], self.ignored).max(-1)
         boxes = _scale_boxes(predictions.boxes[-1], image_sizes)
         queries = torch.arange(scores.shape[1], device=scores.device)
         return [Detections(b, s, lab, queries) for s, lab, b in zip(scores, labels, boxes)]
@@ -42,20 +61,29 @@ class TopKSigmoidPostprocess(nn.Module):
         top_k: detections kept per image.
         nms_iou_threshold: if set, class-wise NMS at this IoU over the best ``NMS_CANDIDATES``
             pairs first (MS-DETR's ``--nms_iou_threshold``).
+        ignored_labels: labels never reported (unused slots of a converted checkpoint's label
+            map); they are left out before the top-k, so they take no detection slot.
     """
 
-    def __init__(self, top_k: int = 100, nms_iou_threshold: float | None = None) -> None:
+    def __init__(
+        self,
+        top_k: int = 100,
+        nms_iou_threshold: float | None = None,
+        ignored_labels: Sequence[int] = (),
+    ) -> None:
         super().__init__()
         self.top_k, self.nms_iou_threshold = top_k, nms_iou_threshold
+        self.register_buffer("ignored", torch.tensor(ignored_labels, dtype=torch.int64), False)
 
     @torch.no_grad()
     def forward(self, predictions: PredictionGroup, image_sizes: Tensor) -> list[Detections]:
         """predictions: logits [L, B, Q, C]; image_sizes: [B, 2] (h, w)."""
         logits = predictions.logits[-1]
         num_classes = logits.shape[-1]
-        probs = logits.sigmoid().flatten(1)
+        probs = _mask_ignored(logits.sigmoid(), self.ignored).flatten(1)
         keep = self.top_k if self.nms_iou_threshold is None else NMS_CANDIDATES
-        scores, flat_index = probs.topk(min(keep, probs.shape[1]), dim=1)
+        keep = min(keep, probs.shape[1] - self.ignored.numel() * logits.shape[1])
+        scores, flat_index = probs.topk(keep, dim=1)
         query_index = flat_index // num_classes
         labels = flat_index % num_classes
         boxes = _scale_boxes(predictions.boxes[-1], image_sizes)

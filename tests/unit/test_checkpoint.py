@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,16 +16,28 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from detrkit.data.labels import LabelMap
 from detrkit.engine import checkpoint as checkpoint_module
 from detrkit.engine.checkpoint import (
     FORMAT_VERSION,
+    CheckpointMeta,
+    ConvertedFrom,
+    TrainingState,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
 )
+from detrkit.engine.state import LoopState
 from detrkit.errors import UserError
 
-META = {"format_version": FORMAT_VERSION, "epoch": 3, "config": {"train": {"lr": 1e-4}}}
+META = CheckpointMeta(
+    config={"train": {"lr": 1e-4}}, label_map=LabelMap((1, 3), ("cat", "dog")), epoch=3, step=7
+)
+
+
+def _nested(value) -> TrainingState:
+    """A training state carrying ``value`` where the optimiser state goes (any nesting)."""
+    return TrainingState(optimizer=value, scheduler={})
 
 
 def _same(a, b):
@@ -89,28 +104,29 @@ def test_resume_is_bit_identical(tmp_path):
     np.random.seed(0)
     model, optimizer, scheduler = _make_run(seed=0)
     _train(model, optimizer, scheduler, steps=3)
-    state = {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": torch.amp.GradScaler("cpu").state_dict(),
-        "rng": _rng_state(),
-        "epoch": 3,
-    }
+    state = TrainingState(
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        scaler=torch.amp.GradScaler("cpu").state_dict(),
+        rng=_rng_state(),
+        loop=LoopState(epoch=3, step=7, steps_in_epoch=1),
+    )
     path = tmp_path / "ckpt.safetensors"
-    save_checkpoint(path, model=model.state_dict(), state=state, meta=META)
+    save_checkpoint(path, model=model.state_dict(), meta=META, training=state)
     saved_state = copy.deepcopy(state)  # the optimizer's tensors change in place below
     expected_losses = _train(model, optimizer, scheduler, steps=3)
 
     loaded = load_checkpoint(path)
-    _same(loaded.state, saved_state)
+    _same(loaded.training.to_tree(), saved_state.to_tree())
+    assert loaded.training.loop == LoopState(epoch=3, step=7, steps_in_epoch=1)
     assert loaded.meta == META
     model2, optimizer2, scheduler2 = _make_run(seed=1)
     model2.load_state_dict(loaded.model)
-    optimizer2.load_state_dict(loaded.state["optimizer"])
-    scheduler2.load_state_dict(loaded.state["scheduler"])
-    torch.set_rng_state(loaded.state["rng"]["torch"])
-    np.random.set_state(loaded.state["rng"]["numpy"])
-    random.setstate(loaded.state["rng"]["python"])
+    optimizer2.load_state_dict(loaded.training.optimizer)
+    scheduler2.load_state_dict(loaded.training.scheduler)
+    torch.set_rng_state(loaded.training.rng["torch"])
+    np.random.set_state(loaded.training.rng["numpy"])
+    random.setstate(loaded.training.rng["python"])
     losses = _train(model2, optimizer2, scheduler2, steps=3)
 
     for got, want in zip(losses, expected_losses, strict=True):
@@ -126,8 +142,8 @@ def test_rng_states_restore_the_same_draws(tmp_path):
     state = _rng_state()
     expected = (random.random(), np.random.rand(), torch.rand(1))
     path = tmp_path / "rng.safetensors"
-    save_checkpoint(path, model={}, state=state, meta={})
-    rng = load_checkpoint(path).state
+    save_checkpoint(path, model={}, meta=META, training=TrainingState({}, {}, rng=state))
+    rng = load_checkpoint(path).training.rng
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy_dict"])
     torch.set_rng_state(rng["torch"])
@@ -157,8 +173,8 @@ def test_nested_state_types_round_trip(tmp_path):
         "dotted": {"key": torch.zeros(1)},
     }
     path = tmp_path / "s.safetensors"
-    save_checkpoint(path, model={}, state=state, meta={})
-    _same(load_checkpoint(path).state, state)
+    save_checkpoint(path, model={}, meta=META, training=_nested(state))
+    _same(load_checkpoint(path).training.optimizer, state)
 
 
 def test_shared_and_non_contiguous_tensors(tmp_path):
@@ -174,19 +190,20 @@ def test_shared_and_non_contiguous_tensors(tmp_path):
     }
     state = {"also_base": base, "slice": base[2:]}
     path = tmp_path / "shared.safetensors"
-    save_checkpoint(path, model=model, state=state, meta={})
+    save_checkpoint(path, model=model, meta=META, training=_nested(state))
     loaded = load_checkpoint(path)
     assert set(loaded.model) == set(model)
     for key, tensor in model.items():
         assert torch.equal(loaded.model[key], tensor.detach())
-    _same(loaded.state, state)
+    _same(loaded.training.optimizer, state)
 
 
 def test_unsupported_values_raise(tmp_path):
     with pytest.raises(TypeError, match="object"):
-        save_checkpoint(tmp_path / "a", model={}, state={"x": object()}, meta={})
+        save_checkpoint(tmp_path / "a", model={}, meta=META, training=_nested({"x": object()}))
     with pytest.raises(TypeError, match="meta"):
-        save_checkpoint(tmp_path / "b", model={}, state={}, meta={"x": {1, 2}})
+        bad_meta = CheckpointMeta(config={"x": {1, 2}}, label_map=META.label_map)
+        save_checkpoint(tmp_path / "b", model={}, meta=bad_meta)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -196,7 +213,7 @@ def test_unsupported_values_raise(tmp_path):
 @pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
 def test_failed_save_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch, error):
     path = tmp_path / "ckpt.safetensors"
-    save_checkpoint(path, model={"w": torch.ones(3)}, state={"epoch": 1}, meta={"v": 1})
+    save_checkpoint(path, model={"w": torch.ones(3)}, meta=META, training=_nested({"epoch": 1}))
 
     def broken_save(tensors, filename, metadata=None):
         with open(filename, "wb") as handle:
@@ -205,17 +222,17 @@ def test_failed_save_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch, er
 
     monkeypatch.setattr(checkpoint_module, "save_file", broken_save)
     with pytest.raises(type(error)):
-        save_checkpoint(path, model={"w": torch.zeros(3)}, state={"epoch": 2}, meta={"v": 2})
+        save_checkpoint(path, model={"w": torch.zeros(3)}, meta=META, training=_nested({"e": 2}))
     old = load_checkpoint(path)
-    assert torch.equal(old.model["w"], torch.ones(3)) and old.state == {"epoch": 1}
+    assert torch.equal(old.model["w"], torch.ones(3)) and old.training.optimizer == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]
 
 
 def test_save_replaces_existing_file(tmp_path):
     path = tmp_path / "sub" / "ckpt.safetensors"
-    save_checkpoint(path, model={"w": torch.ones(1)}, state={}, meta={"v": 1})
-    save_checkpoint(path, model={"w": torch.zeros(1)}, state={}, meta={"v": 2})
-    assert load_checkpoint(path).meta == {"v": 2}
+    save_checkpoint(path, model={"w": torch.ones(1)}, meta=replace(META, step=1))
+    save_checkpoint(path, model={"w": torch.zeros(1)}, meta=replace(META, step=2))
+    assert load_checkpoint(path).meta.step == 2
     assert len(list(path.parent.iterdir())) == 1
 
 
@@ -235,7 +252,7 @@ def test_corrupt_file_is_user_error_naming_it(tmp_path):
         load_checkpoint(garbage)
 
     truncated = tmp_path / "truncated.safetensors"
-    save_checkpoint(truncated, model={"w": torch.randn(64, 64)}, state={}, meta={})
+    save_checkpoint(truncated, model={"w": torch.randn(64, 64)}, meta=META)
     truncated.write_bytes(truncated.read_bytes()[:-100])
     with pytest.raises(UserError, match="truncated.safetensors"):
         load_checkpoint(truncated)
@@ -248,11 +265,57 @@ def test_foreign_safetensors_file_is_user_error(tmp_path):
         load_checkpoint(path)
 
 
-def test_newer_format_is_user_error(tmp_path):
-    path = tmp_path / "future.safetensors"
-    save_file({}, str(path), metadata={"detrkit.format": str(FORMAT_VERSION + 1)})
-    with pytest.raises(UserError, match="format"):
+@pytest.mark.parametrize("version", [FORMAT_VERSION - 1, FORMAT_VERSION + 1])
+def test_other_format_versions_are_user_errors(tmp_path, version):
+    path = tmp_path / f"v{version}.safetensors"
+    metadata = {"detrkit.format": str(version), "detrkit.meta": META.to_json()}
+    save_file({"w": torch.ones(2)}, str(path), metadata=metadata)
+    with pytest.raises(UserError, match=rf"v{version}.safetensors has .*format {version}"):
         load_checkpoint(path)
+
+
+def test_corrupt_metadata_is_user_error_naming_the_file(tmp_path):
+    path = tmp_path / "meta.safetensors"
+    metadata = {"detrkit.format": str(FORMAT_VERSION), "detrkit.meta": json.dumps({"epoch": 1})}
+    save_file({"w": torch.ones(2)}, str(path), metadata=metadata)
+    with pytest.raises(UserError, match="meta.safetensors: corrupt metadata"):
+        load_checkpoint(path)
+
+
+# --------------------------------------------------------------------------- weights files
+
+
+def test_weights_file_holds_plain_keys_and_typed_meta(tmp_path):
+    from safetensors.torch import load_file
+
+    weights = {"layer.weight": torch.randn(3, 2), "layer.bias": torch.zeros(3)}
+    meta = replace(META, ema=True, converted_from=ConvertedFrom(source="detr", file="x.pth"))
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, model=weights, meta=meta)
+    loaded = load_checkpoint(path)
+    assert loaded.training is None and loaded.meta == meta and loaded.path == path
+    assert loaded.meta.format_version == FORMAT_VERSION
+    for key, tensor in weights.items():
+        assert torch.equal(loaded.model[key], tensor)
+    assert loaded.inference_weights() == (loaded.model, "EMA")
+    assert set(load_file(str(path))) == set(weights)  # readable by plain safetensors
+
+
+def test_training_file_prefers_its_ema_for_inference(tmp_path):
+    raw, averaged = {"w": torch.ones(2)}, {"w": torch.full((2,), 0.5)}
+    state = TrainingState({}, {}, ema={"weights": averaged, "updates": 4})
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, model=raw, meta=META, training=state)
+    weights, kind = load_checkpoint(path).inference_weights()
+    assert kind == "EMA" and torch.equal(weights["w"], averaged["w"])
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, model={"w": torch.ones(1)}, meta=META)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's private 0600
 
 
 # --------------------------------------------------------------------------- pruning

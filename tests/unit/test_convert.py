@@ -11,7 +11,7 @@ from detrkit.cli.__main__ import main
 from detrkit.convert.rules import RenameRule, SplitRule, convert_state_dict
 from detrkit.convert.sources import SOURCES
 from detrkit.inference import load_model
-from tests.golden.golden_case import GOLDEN_DIR, GoldenCase
+from tests.golden.golden_case import SHIPPED_DIR, GoldenCase
 
 
 def test_rules_report_unmatched_dropped_and_collisions():
@@ -32,7 +32,7 @@ def test_rules_report_unmatched_dropped_and_collisions():
 
 
 def _case(name: str = "detr_r18") -> GoldenCase:
-    path = GOLDEN_DIR / f"{name}.json"
+    path = SHIPPED_DIR / f"{name}.json"
     if not path.is_file():
         pytest.skip(f"golden case {path} not available")
     return GoldenCase.load(path)

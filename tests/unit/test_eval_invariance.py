@@ -15,13 +15,10 @@ from detrkit.data.synth import write_synthetic_coco
 from detrkit.engine.data import eval_loader, open_split
 from detrkit.engine.evaluate import evaluate, predict_batches
 from detrkit.engine.precision import Precision
+from tests.conftest import TINY_MODEL_OVERRIDES
 
 TINY = [
-    "model.hidden_dim=32",
-    "model.num_heads=2",
-    "model.num_queries=10",
-    "model.encoder.num_layers=1",
-    "model.decoder.num_layers=2",
+    *TINY_MODEL_OVERRIDES,
     "model.backbone.norm=frozen_bn",
     "data.val_size=64",
     "data.max_size=96",

@@ -11,14 +11,9 @@ from detrkit.config.load import load_config
 from detrkit.engine.precision import Precision
 from detrkit.engine.step import StepResult, train_step
 from detrkit.structures import ImageBatch, Target
+from tests.conftest import TINY_MODEL_OVERRIDES
 
-TINY = [
-    "model.hidden_dim=32",
-    "model.num_heads=2",
-    "model.num_queries=10",
-    "model.encoder.num_layers=1",
-    "model.decoder.num_layers=2",
-]
+TINY = TINY_MODEL_OVERRIDES
 
 
 def _batch():

@@ -6,12 +6,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from detrkit.config.schema import InferenceConfig
 from detrkit.data.collate import pad_images
 from detrkit.data.transforms import resized_size
+from detrkit.detection import detect, hflip, rescale
 from detrkit.engine.precision import Precision
 from detrkit.models.postprocess import TopKSigmoidPostprocess
 from detrkit.structures import DetectorOutput, PredictionGroup
-from detrkit.tta import TTASettings, detect, hflip, rescale
 
 
 class BrightSpotDetector(nn.Module):
@@ -51,10 +52,25 @@ def test_every_pass_maps_back_to_the_same_box_and_merges_into_one():
     original = torch.tensor([[80, 120], [60, 100]])  # the images before the eval resize
     model, postprocess = BrightSpotDetector(), TopKSigmoidPostprocess(top_k=1)
     plain = detect(model, postprocess, images, original, Precision())
-    tta = TTASettings(scales=(30, 60), flip=True, nms_iou=0.5)
+    tta = InferenceConfig(tta_scales=(30, 60), tta_flip=True, tta_nms_iou=0.5)
     merged = detect(model, postprocess, images, original, Precision(), tta)
     for single, combined in zip(plain, merged):
         assert len(combined.scores) == 1  # six passes, one object
         torch.testing.assert_close(combined.boxes_xyxy, single.boxes_xyxy, atol=3.0, rtol=0)
     # the brightest pixel of image 0 is at column 45 of 60: x centre 0.758 of 120 pixels
     assert abs(float(merged[0].boxes_xyxy[0, [0, 2]].mean()) - 91.0) < 3.0
+
+
+def test_build_tta_caps_rescaled_passes_at_data_max_size_unless_set():
+    from dataclasses import replace
+
+    from detrkit.config.build import build_tta
+    from detrkit.config.load import load_config
+
+    cfg = load_config("detr_tiny", ["data.max_size=96", "inference.tta_scales=[64]"])
+    settings = build_tta(cfg)
+    assert isinstance(settings, InferenceConfig) and settings.tta_enabled
+    assert settings.tta_max_size == 96 and settings.tta_scales == (64,)
+    own = replace(cfg, inference=replace(cfg.inference, tta_max_size=80))
+    assert build_tta(own).tta_max_size == 80
+    assert not build_tta(load_config("detr_tiny")).tta_enabled

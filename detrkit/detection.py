@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Inference on a padded batch, optionally with test-time augmentation (several scales and a
-horizontal flip), merged per image by class-wise NMS.
+"""The inference pass: a padded batch in, detections per image in original pixels out; with
+test-time augmentation (several scales and a horizontal flip, as ``InferenceConfig`` says) the
+passes are merged per image by class-wise NMS. Evaluation, ``Predictor`` and ``detrkit predict``
+all detect through :func:`detect`.
 
 Every pass predicts boxes relative to each image's own extent, so the postprocessor scales them
 to the original image whatever the pass's scale; a flipped pass's boxes are mirrored back.
@@ -9,38 +11,17 @@ to the original image whatever the pass's scale; a flipped pass's boxes are mirr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
+from detrkit.config.schema import InferenceConfig
 from detrkit.data.collate import pad_images
 from detrkit.data.transforms import resized_size
 from detrkit.engine.precision import Precision
 from detrkit.structures import Detections, ImageBatch
-
-
-@dataclass(frozen=True)
-class TTASettings:
-    """Which passes to run and how to merge them.
-
-    Attributes:
-        scales: shorter sides of the extra passes (the batch's own size always runs).
-        max_size: cap on the longer side of a rescaled pass.
-        flip: also run every scale horizontally flipped.
-        nms_iou: class-wise NMS threshold of the merge.
-    """
-
-    scales: tuple[int, ...] = ()
-    max_size: int | None = None
-    flip: bool = False
-    nms_iou: float = 0.6
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.scales) or self.flip
 
 
 @torch.no_grad()
@@ -50,20 +31,26 @@ def detect(
     images: ImageBatch,
     original_sizes: Tensor,
     precision: Precision,
-    tta: TTASettings | None = None,
+    tta: InferenceConfig | None = None,
 ) -> list[Detections]:
-    """Detections per image in original pixels.
+    """Detections per image: boxes XYXY in absolute pixels of the original image, scores,
+    contiguous labels.
 
     Args:
+        model: the detector, in eval mode.
+        postprocess: turns the inference prediction group into per-image ``Detections``.
         images: the eval-transformed, padded batch.
         original_sizes: [B, 2] (h, w) of the images before any transform.
+        precision: autocast of the forward pass.
+        tta: the passes to run (``config.build.build_tta``, which resolves ``tta_max_size``);
+            None or no TTA set = the single plain pass.
     """
-    if tta is None or not tta.enabled:
+    if tta is None or not tta.tta_enabled:
         return _single_pass(model, postprocess, images, original_sizes, precision)
     passes: list[list[Detections]] = []
-    for scale in (None, *tta.scales):
-        batch = images if scale is None else rescale(images, scale, tta.max_size)
-        for flipped in (False, True) if tta.flip else (False,):
+    for scale in (None, *tta.tta_scales):
+        batch = images if scale is None else rescale(images, scale, tta.tta_max_size)
+        for flipped in (False, True) if tta.tta_flip else (False,):
             found = _single_pass(
                 model, postprocess, hflip(batch) if flipped else batch, original_sizes, precision
             )
@@ -71,7 +58,9 @@ def detect(
                 found = [_unflip(d, int(w)) for d, w in zip(found, original_sizes[:, 1])]
             passes.append(found)
     keep = max(len(d.scores) for found in passes for d in found)
-    return [_merge([found[i] for found in passes], tta.nms_iou, keep) for i in range(len(images))]
+    return [
+        _merge([found[i] for found in passes], tta.tta_nms_iou, keep) for i in range(len(images))
+    ]
 
 
 def _single_pass(model, postprocess, images, original_sizes, precision) -> list[Detections]:
