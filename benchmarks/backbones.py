@@ -39,8 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detrkit.config.schema import BackboneConfig  # noqa: E402
-from detrkit.models.backbones import backbone_names, build_backbone  # noqa: E402
+from detrkit.models.backbones import BackboneSpec, backbone_names, build_backbone  # noqa: E402
 
 NAMES = ("resnet50", "swin_tiny", "coat_lite_small", "mpvit_small")
 STAGES = ("c3", "c4", "c5")
@@ -49,7 +48,7 @@ WARMUP_SIZE = 64
 
 def make_backbone(name: str, checkpointing: bool, device: torch.device) -> torch.nn.Module:
     frozen_stages = 1 if name.startswith("resnet") else 0
-    cfg = BackboneConfig(name=name, frozen_stages=frozen_stages, checkpointing=checkpointing)
+    cfg = BackboneSpec(name=name, frozen_stages=frozen_stages, checkpointing=checkpointing)
     return build_backbone(cfg, STAGES).to(device).train()
 
 

@@ -12,7 +12,6 @@ Box conventions, stated once for the whole package:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -182,7 +181,6 @@ class PredictionGroup:
         loss_weight: multiplies every term of the group.
         at_inference: whether the group is the detector's inference output.
         class_agnostic: match and supervise with every label set to 0 (two-stage proposals).
-        targets: per-image targets replacing the batch targets, or None.
         target_repeat: supervise against the targets repeated this many times.
         anchors: [L, B, Qg, 4] cxcywh boxes the predictions started from (two-stage proposals),
             or None; some schemes match on them.
@@ -195,16 +193,12 @@ class PredictionGroup:
     loss_weight: float = 1.0
     at_inference: bool = False
     class_agnostic: bool = False
-    targets: list[Target] | None = None
     target_repeat: int = 1
     anchors: Tensor | None = None
 
     @property
     def num_layers(self) -> int:
         return self.logits.shape[0]
-
-    def last_layer(self) -> PredictionGroup:
-        return replace(self, logits=self.logits[-1:], boxes=self.boxes[-1:])
 
 
 @dataclass
@@ -264,8 +258,3 @@ class LossOutput:
     total: Tensor
     terms: dict[str, Tensor]
     weights: dict[str, float]
-
-
-def stack_targets_count(targets: Sequence[Target]) -> int:
-    """Number of boxes in a batch of targets."""
-    return sum(len(t) for t in targets)

@@ -10,7 +10,12 @@ from dataclasses import replace
 from torch import Tensor, nn
 
 from detrkit.config.checks import validate_model_config
-from detrkit.config.schema import ExperimentConfig, InferenceConfig, ModelConfig
+from detrkit.config.schema import (
+    BackboneConfig,
+    ExperimentConfig,
+    InferenceConfig,
+    ModelConfig,
+)
 from detrkit.errors import UserError
 from detrkit.layers.attention import CrossAttention, SelfAttention
 from detrkit.layers.deformable import DeformableCrossAttention
@@ -22,7 +27,7 @@ from detrkit.losses.terms import GIoUTerm, L1Term, SigmoidFocalTerm, SoftmaxCros
 from detrkit.matching.costs import FocalClassCost, SoftmaxClassCost
 from detrkit.matching.hungarian import HungarianAssigner
 from detrkit.matching.one_to_many import TopKQualityAssigner
-from detrkit.models.backbones import build_backbone
+from detrkit.models.backbones import BackboneSpec, build_backbone
 from detrkit.models.decoder import Decoder, DecoderLayer
 from detrkit.models.deformable_encoder import DeformableEncoder, DeformableEncoderLayer
 from detrkit.models.detector import QueryDetector
@@ -56,6 +61,20 @@ def build_position(cfg: ModelConfig) -> nn.Module:
     if cfg.position.kind == "learned":
         return LearnedPositionEmbedding(cfg.hidden_dim)
     return SinePositionEmbedding(cfg.hidden_dim, cfg.position.temperature, cfg.position.offset)
+
+
+def backbone_spec(cfg: BackboneConfig) -> BackboneSpec:
+    """``model.backbone`` as the backbones' own spec (the model side never sees the schema)."""
+    return BackboneSpec(
+        name=cfg.name,
+        dilation=cfg.dilation,
+        weights=cfg.weights,
+        trainable=cfg.trainable,
+        frozen_stages=cfg.frozen_stages,
+        norm=cfg.norm,
+        drop_path_rate=cfg.drop_path_rate,
+        checkpointing=cfg.checkpointing,
+    )
 
 
 def backbone_stages(cfg: ModelConfig) -> tuple[str, ...]:
@@ -214,7 +233,7 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> QueryDetect
     validate_model_config(cfg)
     logits = num_logits(cfg, resolved_num_classes(cfg, num_classes))
     stages = backbone_stages(cfg)
-    backbone = build_backbone(cfg.backbone, stages)
+    backbone = build_backbone(backbone_spec(cfg.backbone), stages)
     deformable = cfg.encoder.attention == "ms_deform"
     neck = ChannelMapper(
         list(backbone.out_channels.values()),

@@ -349,11 +349,6 @@ class CocoDetection(Dataset):
         """Path of the index-th image file."""
         return self.images_dir / self._file_names[index]
 
-    def image_size(self, index: int) -> tuple[int, int]:
-        """(h, w) of the index-th image according to the annotation file."""
-        width, height = self._sizes_wh[index]
-        return int(height), int(width)
-
     def image_sizes(self) -> list[tuple[int, int]]:
         """(h, w) of every image according to the annotation file (no image read)."""
         return [(int(h), int(w)) for w, h in self._sizes_wh]

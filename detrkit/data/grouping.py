@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from detrkit.data.samplers import _EPOCH_MIX, _INDEX_MIX, _check_replicas
+from detrkit.data.seeding import check_replicas, sample_seed
 
 
 def group_batches(
@@ -68,7 +68,7 @@ class AspectRatioBatchSampler(Sampler[list[tuple[int, int]]]):
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
-        _check_replicas(num_replicas, rank)
+        check_replicas(num_replicas, rank)
         self.landscape = [float(r) >= 1.0 for r in aspect_ratios]
         self.batch_size, self.seed = batch_size, seed
         self.num_replicas, self.rank = num_replicas, rank
@@ -92,12 +92,9 @@ class AspectRatioBatchSampler(Sampler[list[tuple[int, int]]]):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         start = self.position // self.batch_size
         for batch in self.epoch_batches()[start:]:
-            yield [(index, self._sample_seed(index)) for index in batch]
+            # The same per-sample seed as ``SeededSampler``: augmentations ignore grouping.
+            yield [(index, sample_seed(self.seed, self.epoch, index)) for index in batch]
         self.position = 0
-
-    def _sample_seed(self, index: int) -> int:
-        # The same per-sample seed as ``SeededSampler``: augmentations do not depend on grouping.
-        return (self.seed + self.epoch * _EPOCH_MIX + index * _INDEX_MIX) % (2**63)
 
     def __len__(self) -> int:
         return len(self.epoch_batches()) - self.position // self.batch_size
@@ -132,7 +129,7 @@ class SameSizeBatchSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
-        _check_replicas(num_replicas, rank)
+        check_replicas(num_replicas, rank)
         shard = range(rank, len(sizes), num_replicas)
         keys = [tuple(int(v) for v in size) for size in sizes]
         self.batches = group_batches(shard, keys, batch_size, mix_leftovers=False)

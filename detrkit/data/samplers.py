@@ -17,13 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from detrkit.data.collate import collate
-
-
-def _check_replicas(num_replicas: int, rank: int) -> None:
-    if num_replicas < 1 or not 0 <= rank < num_replicas:
-        raise ValueError(
-            f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}"
-        )
+from detrkit.data.grouping import AspectRatioBatchSampler, SameSizeBatchSampler
+from detrkit.data.seeding import check_replicas, sample_seed
 
 
 class ResumableRandomSampler(Sampler[int]):
@@ -42,7 +37,7 @@ class ResumableRandomSampler(Sampler[int]):
     def __init__(
         self, dataset_len: int, seed: int, *, num_replicas: int = 1, rank: int = 0
     ) -> None:
-        _check_replicas(num_replicas, rank)
+        check_replicas(num_replicas, rank)
         if dataset_len < 1:
             raise ValueError(f"cannot sample from an empty dataset (length {dataset_len})")
         self.dataset_len = dataset_len
@@ -114,7 +109,7 @@ class ShardedSequentialSampler(Sampler[int]):
     """Dataset order, rank r taking indices r, r + R, r + 2R, ... (no padding, no duplicates)."""
 
     def __init__(self, dataset_len: int, *, num_replicas: int = 1, rank: int = 0) -> None:
-        _check_replicas(num_replicas, rank)
+        check_replicas(num_replicas, rank)
         self.dataset_len = dataset_len
         self.num_replicas = num_replicas
         self.rank = rank
@@ -124,10 +119,6 @@ class ShardedSequentialSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.dataset_len, self.num_replicas))
-
-
-# Large odd multipliers spread (seed, epoch, index) over the 63-bit seed space.
-_EPOCH_MIX, _INDEX_MIX = 1_000_003, 7_919
 
 
 class SeededSampler(Sampler[tuple[int, int]]):
@@ -143,7 +134,7 @@ class SeededSampler(Sampler[tuple[int, int]]):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.sampler.epoch
         for index in self.sampler:
-            yield index, (self.seed + epoch * _EPOCH_MIX + index * _INDEX_MIX) % (2**63)
+            yield index, sample_seed(self.seed, epoch, index)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -216,8 +207,6 @@ def build_train_loader(
         generator=torch.Generator().manual_seed(seed),
     )
     if aspect_ratios is not None:
-        from detrkit.data.grouping import AspectRatioBatchSampler
-
         batches = AspectRatioBatchSampler(
             aspect_ratios, batch_size, seed, num_replicas=num_replicas, rank=rank
         )
@@ -254,8 +243,6 @@ def build_eval_loader(
         num_workers=num_workers, collate_fn=collate, generator=torch.Generator().manual_seed(0)
     )
     if sizes is not None:
-        from detrkit.data.grouping import SameSizeBatchSampler
-
         batches = SameSizeBatchSampler(sizes, batch_size, num_replicas=num_replicas, rank=rank)
         return DataLoader(dataset, batch_sampler=batches, **common)
     sampler = ShardedSequentialSampler(len(dataset), num_replicas=num_replicas, rank=rank)

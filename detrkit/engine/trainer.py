@@ -11,11 +11,13 @@ from pathlib import Path
 
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
 
 from detrkit.config.build import build_criterion, build_model, build_postprocess, build_tta
 from detrkit.config.load import dump_config
 from detrkit.config.schema import ExperimentConfig
 from detrkit.config.validate import config_to_dict
+from detrkit.data.coco import CocoDetection
 from detrkit.data.labels import LabelMap
 from detrkit.data.samplers import resumable_sampler
 from detrkit.engine import distributed as dist
@@ -67,7 +69,7 @@ class TrainingDiverged(UserError):
 
 
 class Trainer:
-    """Builds everything from the config and runs ``fit``.
+    """Builds what it is not given from the config and runs ``fit``.
 
     Args:
         cfg: the experiment.
@@ -76,6 +78,20 @@ class Trainer:
         init_from: checkpoint whose weights initialise the model (everything else starts fresh).
         allow_partial: with ``init_from``, skip tensors of the wrong shape instead of failing.
         device: "cpu", "cuda", "mps" or None for the best available.
+        model: a built detector (moved to the device) instead of ``build_model(cfg.model)``; it
+            takes images and returns the outputs ``criterion`` expects.
+        criterion: a built loss ``(outputs, targets) -> LossOutput`` (``.total``, ``.terms``)
+            instead of ``build_criterion(cfg.model)``.
+        train_set: an opened training split (``open_split``'s result: ``label_map``, items of
+            (image, target)) instead of ``cfg.data.train_split``; the label map and number of
+            classes come from it.
+        val_set: an opened validation split (with ``coco_json``) instead of
+            ``cfg.data.val_split``.
+        optimizer: a built optimiser over ``model``'s parameters instead of
+            ``build_optimizer(model, cfg.train)``; the LR schedule is still built on it.
+
+    Everything not given is built from ``cfg`` as before; the schedule, precision, EMA, data
+    loader and postprocessor always are.
     """
 
     def __init__(
@@ -87,13 +103,19 @@ class Trainer:
         init_from: Path | None = None,
         allow_partial: bool = False,
         device: str | None = None,
+        model: nn.Module | None = None,
+        criterion: nn.Module | None = None,
+        train_set: CocoDetection | None = None,
+        val_set: CocoDetection | None = None,
+        optimizer: Optimizer | None = None,
     ) -> None:
         self.cfg, self.output_dir = cfg, Path(output_dir)
         self.ctx = dist.init_distributed(device)
         self.use_tensorboard = tensorboard_wanted(cfg.train.tensorboard)  # fails fast if missing
+        # Before the parts built here, so a run built from the config alone is reproducible.
         seed_everything(cfg.train.seed + self.ctx.rank)
-        self._open_data()
-        self._build_model()
+        self._open_data(train_set, val_set)
+        self._build_model(model, criterion, optimizer)
         self.loop = LoopState()
         self.last_table = ""
         self.checkpoint_dir = self.output_dir / CHECKPOINT_DIR
@@ -119,13 +141,18 @@ class Trainer:
             if resume is None and init_from is None:  # otherwise the checkpoint has the weights
                 warn_random_backbone(cfg)
 
-    def _open_data(self) -> None:
+    def _open_data(self, train_set: CocoDetection | None, val_set: CocoDetection | None) -> None:
+        """The splits (given ones as they are), the label map and the number of classes."""
         cfg = self.cfg
-        self.train_set = open_split(cfg.data, cfg.data.train_split, train=True)
+        if train_set is None:
+            train_set = open_split(cfg.data, cfg.data.train_split, train=True)
+        self.train_set = train_set
         self.label_map: LabelMap = self.train_set.label_map
-        self.val_set = open_split(
-            cfg.data, cfg.data.val_split, train=False, label_map=self.label_map
-        )
+        if val_set is None:
+            val_set = open_split(
+                cfg.data, cfg.data.val_split, train=False, label_map=self.label_map
+            )
+        self.val_set = val_set
         self.num_classes = self.label_map.num_classes
         if cfg.model.num_classes not in (None, self.num_classes):
             raise UserError(
@@ -133,15 +160,28 @@ class Trainer:
                 f"{self.num_classes} categories; remove the key to take it from the data"
             )
 
-    def _build_model(self) -> None:
-        """Model, criterion, postprocessor, optimiser, schedule, precision, EMA, data loader."""
+    def _build_model(
+        self,
+        model: nn.Module | None,
+        criterion: nn.Module | None,
+        optimizer: Optimizer | None,
+    ) -> None:
+        """Model, criterion, postprocessor, optimiser, schedule, precision, EMA, data loader;
+        the given parts are used as they are."""
         cfg = self.cfg
-        self.model = build_model(cfg.model, self.num_classes).to(self.ctx.device)
-        self.criterion = build_criterion(
-            cfg.model, self.num_classes, reduce_num_boxes=dist.all_reduce_mean
-        )
+        if model is None:
+            model = build_model(cfg.model, self.num_classes)
+        # Module.to moves the parameters in place, so an optimiser given over them stays valid.
+        self.model = model.to(self.ctx.device)
+        if criterion is None:
+            criterion = build_criterion(
+                cfg.model, self.num_classes, reduce_num_boxes=dist.all_reduce_mean
+            )
+        self.criterion = criterion
         self.postprocess = build_postprocess(cfg.model)
-        self.optimizer = build_optimizer(self.model, cfg.train)
+        if optimizer is None:
+            optimizer = build_optimizer(self.model, cfg.train)
+        self.optimizer = optimizer
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.train)
         self.precision = Precision(cfg.train.precision, self.ctx.device.type)
         decay = cfg.train.ema_decay

@@ -158,11 +158,6 @@ class CocoEvaluator:
                 f"annotation file's categories {sorted(known)}; use the label map built from it"
             )
 
-    def reset(self) -> None:
-        """Forget every accumulated image (e.g. before the next evaluation epoch)."""
-        self._state = {}
-        self._synchronized = False
-
     def update(self, image_ids: Sequence[int], detections: Sequence[Detections]) -> None:
         """Add the detections of a batch of images.
 

@@ -104,8 +104,7 @@ class SetCriterion(nn.Module):
 
     def unrepeated_targets(self, group: PredictionGroup, targets: list[Target]) -> list[Target]:
         """The group's targets before H-DETR's repetition."""
-        chosen = group.targets if group.targets is not None else targets
-        return class_agnostic(chosen) if group.class_agnostic else list(chosen)
+        return class_agnostic(targets) if group.class_agnostic else list(targets)
 
     def group_targets(self, group: PredictionGroup, targets: list[Target]) -> list[Target]:
         """The targets the group's losses compare with (repeated ``target_repeat`` times)."""

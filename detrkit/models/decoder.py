@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from detrkit.layers.ffn import FFN
+from detrkit.layers.residual import AddNorm
 from detrkit.models.encoder import run_layer
 from detrkit.models.refine import BoxRefiner
 from detrkit.structures import DecoderOutput, EncoderMemory, QuerySet
@@ -53,10 +54,9 @@ class DecoderLayer(nn.Module):
         if sorted(order) != sorted(DEFAULT_ORDER):
             raise ValueError(f"decoder order must be a permutation of {DEFAULT_ORDER}, got {order}")
         self.self_attn, self.cross_attn, self.ffn = self_attn, cross_attn, ffn
-        self.self_attn_norm = nn.LayerNorm(dim)
-        self.cross_attn_norm = nn.LayerNorm(dim)
-        self.ffn_norm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
+        self.self_attn_norm = AddNorm(dim, dropout, pre_norm=pre_norm)
+        self.cross_attn_norm = AddNorm(dim, dropout, pre_norm=pre_norm)
+        self.ffn_norm = AddNorm(dim, dropout, pre_norm=pre_norm)
         self.order, self.taps, self.pre_norm = tuple(order), tuple(taps), pre_norm
 
     def forward(
@@ -78,11 +78,7 @@ class DecoderLayer(nn.Module):
         }
         taps = {}
         for name in self.order:
-            norm = getattr(self, f"{name}_norm")
-            if self.pre_norm:
-                query = query + self.dropout(ops[name](norm(query)))
-            else:
-                query = norm(query + self.dropout(ops[name](query)))
+            query = getattr(self, f"{name}_norm")(query, ops[name])
             if name in self.taps:
                 taps[name] = query
         return query, taps

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from detrkit.layers.deformable import MSDeformAttention
 from detrkit.layers.ffn import FFN
+from detrkit.layers.residual import AddNorm
 from detrkit.models.encoder import flatten_levels, run_layer
 from detrkit.structures import EncoderMemory, FeatureLevel
 
@@ -44,7 +45,10 @@ def encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Te
 
 
 class DeformableEncoderLayer(nn.Module):
-    """Deformable self-attention + FFN, each followed by residual dropout and LayerNorm."""
+    """Deformable self-attention + FFN, each followed by residual dropout and LayerNorm.
+
+    Shapes: tokens, pos [B, S, D]; reference [B, S, L, 2] -> [B, S, D].
+    """
 
     def __init__(
         self,
@@ -60,24 +64,18 @@ class DeformableEncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MSDeformAttention(dim, num_heads, num_levels, num_points)
         self.ffn = FFN(dim, ffn_dim, dropout, activation)
-        self.self_attn_norm = nn.LayerNorm(dim)
-        self.ffn_norm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
+        self.self_attn_norm = AddNorm(dim, dropout)
+        self.ffn_norm = AddNorm(dim, dropout)
 
     def forward(
         self, tokens: Tensor, pos: Tensor, reference: Tensor, memory: EncoderMemory
     ) -> Tensor:
         """tokens, pos: [B, S, D]; reference: [B, S, L, 2] -> [B, S, D]."""
-        attended = self.self_attn(
-            tokens + pos,
-            reference,
-            tokens,
-            memory.spatial_shapes,
-            memory.level_start,
-            memory.padding_mask,
+        attend = lambda x: self.self_attn(  # noqa: E731
+            x + pos, reference, x, memory.spatial_shapes, memory.level_start, memory.padding_mask
         )
-        tokens = self.self_attn_norm(tokens + self.dropout(attended))
-        return self.ffn_norm(tokens + self.dropout(self.ffn(tokens)))
+        tokens = self.self_attn_norm(tokens, attend)
+        return self.ffn_norm(tokens, self.ffn)
 
 
 class DeformableEncoder(nn.Module):

@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from detrkit.layers.attention import SelfAttention
 from detrkit.layers.ffn import FFN
+from detrkit.layers.residual import AddNorm
 from detrkit.structures import EncoderMemory, FeatureLevel
 
 
@@ -45,7 +46,10 @@ def run_layer(layer: nn.Module, checkpointing: bool, *args):
 
 
 class EncoderLayer(nn.Module):
-    """Global self-attention + FFN, each with residual dropout and LayerNorm (post- or pre-norm)."""
+    """Global self-attention + FFN, each with residual dropout and LayerNorm (post- or pre-norm).
+
+    Shapes: tokens, pos [B, S, D]; padding_mask [B, S] -> [B, S, D].
+    """
 
     def __init__(
         self,
@@ -60,21 +64,15 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = SelfAttention(dim, num_heads, dropout)
         self.ffn = FFN(dim, ffn_dim, dropout, activation)
-        self.self_attn_norm = nn.LayerNorm(dim)
-        self.ffn_norm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
+        self.self_attn_norm = AddNorm(dim, dropout, pre_norm=pre_norm)
+        self.ffn_norm = AddNorm(dim, dropout, pre_norm=pre_norm)
         self.pre_norm = pre_norm
 
     def forward(self, tokens: Tensor, pos: Tensor, padding_mask: Tensor) -> Tensor:
         """tokens, pos: [B, S, D]; padding_mask: [B, S] -> [B, S, D]."""
         attend = lambda x: self.self_attn(x, pos, key_padding_mask=padding_mask)  # noqa: E731
-        tokens = self._residual(tokens, attend, self.self_attn_norm)
-        return self._residual(tokens, self.ffn, self.ffn_norm)
-
-    def _residual(self, x: Tensor, block, norm: nn.Module) -> Tensor:
-        if self.pre_norm:
-            return x + self.dropout(block(norm(x)))
-        return norm(x + self.dropout(block(x)))
+        tokens = self.self_attn_norm(tokens, attend)
+        return self.ffn_norm(tokens, self.ffn)
 
 
 class DetrEncoder(nn.Module):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrkit.layers.ffn import FFN
+from detrkit.layers.residual import AddNorm
 from detrkit.models.encoder import flatten_levels
 from detrkit.structures import EncoderMemory, FeatureLevel
 
@@ -56,10 +57,9 @@ class SmcaConvEncoderLayer(nn.Module):
         self.down_convs = nn.ModuleList(depthwise(dim, kernel_size, 2) for _ in range(num_cross))
         self.up_convs = nn.ModuleList(depthwise(dim, kernel_size) for _ in range(num_cross))
         self.output_proj = nn.Conv2d(dim, dim, 1)
-        self.mix_norm = nn.LayerNorm(dim)
+        self.mix_norm = AddNorm(dim, dropout)
         self.ffn = FFN(dim, ffn_dim, dropout, activation)
-        self.ffn_norm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
+        self.ffn_norm = AddNorm(dim, dropout)
 
     def forward(self, maps: Sequence[Tensor], pos: Sequence[Tensor]) -> list[Tensor]:
         """maps, pos: per level [B, D, H_l, W_l] (finest first) -> the updated maps."""
@@ -75,18 +75,27 @@ class SmcaConvEncoderLayer(nn.Module):
                 total = total + F.interpolate(
                     coarser, size=x.shape[-2:], mode="bilinear", align_corners=True
                 )
-            outputs.append(self._ffn_block(x + self.dropout(self.output_proj(total))))
+            outputs.append(self._residuals(x, self.output_proj(total)))
         return outputs
 
-    def _ffn_block(self, x: Tensor) -> Tensor:
-        """[B, D, H, W] -> norm, FFN residual, norm over the channels -> [B, D, H, W]."""
-        tokens = self.mix_norm(x.flatten(2).transpose(1, 2))
-        tokens = self.ffn_norm(tokens + self.dropout(self.ffn(tokens)))
+    def _residuals(self, x: Tensor, mixed: Tensor) -> Tensor:
+        """x, mixed [B, D, H, W] -> mixing residual + norm, FFN residual + norm -> [B, D, H, W].
+
+        The norms run over the channels, so both residuals work on [B, H*W, D] tokens; the
+        mixing update depends on every level, hence ``add`` with the precomputed update.
+        """
+        tokens = self.mix_norm.add(_tokens(x), _tokens(mixed))
+        tokens = self.ffn_norm(tokens, self.ffn)
         return tokens.transpose(1, 2).reshape(x.shape)
 
     @staticmethod
     def _pick(convs: nn.ModuleList, pair: int) -> nn.Module:
         return convs[pair if len(convs) > 1 else 0]
+
+
+def _tokens(maps: Tensor) -> Tensor:
+    """[B, D, H, W] -> [B, H*W, D]."""
+    return maps.flatten(2).transpose(1, 2)
 
 
 class SmcaConvEncoder(nn.Module):

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from detrkit.layers.ffn import FFN
+from detrkit.layers.residual import AddNorm
 from detrkit.schemes.base import TrainingScheme
 from detrkit.structures import DecoderOutput, PredictionGroup, QuerySet
 
@@ -23,12 +24,11 @@ class AuxiliaryFFN(nn.Module):
     def __init__(self, dim: int, ffn_dim: int, dropout: float) -> None:
         super().__init__()
         self.ffn = FFN(dim, ffn_dim, dropout)
-        self.norm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
+        self.norm = AddNorm(dim, dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, Q, D] -> [B, Q, D]."""
-        return self.norm(x + self.dropout(self.ffn(x)))
+        return self.norm(x, self.ffn)
 
 
 class MixedSupervision(TrainingScheme):

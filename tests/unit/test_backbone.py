@@ -69,3 +69,18 @@ def test_unknown_backbone_names_the_closest_known_ones():
 
     with pytest.raises(UserError, match="unknown model.backbone.name 'resnet05'; did you mean"):
         build_model(load_config("detr_r50", ["model.backbone.name=resnet05"]).model, 3)
+
+
+def test_backbone_spec_mirrors_the_config_schema():
+    # build.backbone_spec copies field by field: a field added to one side only would be lost.
+    from dataclasses import fields
+
+    from detrkit.config.build import backbone_spec
+    from detrkit.config.schema import BackboneConfig
+    from detrkit.models.backbones import BackboneSpec
+
+    assert [f.name for f in fields(BackboneSpec)] == [f.name for f in fields(BackboneConfig)]
+    cfg = BackboneConfig(name="resnet34", dilation=True, weights="w.pth", frozen_stages=2)
+    assert backbone_spec(cfg) == BackboneSpec(
+        name="resnet34", dilation=True, weights="w.pth", frozen_stages=2
+    )

@@ -17,10 +17,10 @@ from timm.layers import DropPath
 
 import detrkit.models.backbones.coat as coat_module
 from detrkit.config.load import load_config
-from detrkit.config.schema import BackboneConfig
 from detrkit.convert.coat import COAT_BACKBONE_RULES, coat_config
 from detrkit.convert.rules import convert_state_dict
 from detrkit.errors import UserError
+from detrkit.models.backbones import BackboneSpec
 from detrkit.models.backbones.coat import CoaTBackbone, build_coat
 from tests.golden.golden_case import SHIPPED_DIR
 
@@ -161,7 +161,7 @@ def test_frozen_stages_and_trainable():
     with pytest.raises(UserError, match="frozen_stages"):
         CoaTBackbone("coat_lite_tiny", frozen_stages=5)
     with pytest.raises(UserError, match="dilation"):
-        build_coat(BackboneConfig(name="coat_lite_tiny", dilation=True), ("c5",))
+        build_coat(BackboneSpec(name="coat_lite_tiny", dilation=True), ("c5",))
 
 
 def _with_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -14,10 +14,9 @@ from safetensors.torch import save_file
 from torchvision.ops import FrozenBatchNorm2d
 
 from detrkit.config.load import load_config
-from detrkit.config.schema import BackboneConfig
 from detrkit.convert.sources import source_for_repo
 from detrkit.errors import UserError
-from detrkit.models.backbones import build_backbone
+from detrkit.models.backbones import BackboneSpec, build_backbone
 from detrkit.models.backbones.mpvit import MPViTBackbone
 from detrkit.models.backbones.mpvit_layers import MHCAEncoder
 from tests.golden.golden_case import SHIPPED_DIR
@@ -191,7 +190,7 @@ def test_frozen_stages_and_trainable():
 
 
 def test_registry_builds_from_config():
-    cfg = BackboneConfig(name="mpvit_tiny", norm="bn", frozen_stages=0, checkpointing=True)
+    cfg = BackboneSpec(name="mpvit_tiny", norm="bn", frozen_stages=0, checkpointing=True)
     backbone = build_backbone(cfg, STAGES)
     assert isinstance(backbone, MPViTBackbone) and backbone.checkpointing
     with pytest.raises(UserError, match="dilation"):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.models.swin_transformer import SwinTransformer
 
-from detrkit.config.build import build_model
+from detrkit.config.build import backbone_spec, build_model
 from detrkit.config.load import load_config
 from detrkit.convert.rules import convert_state_dict
 from detrkit.convert.sources import SOURCES
@@ -43,7 +43,7 @@ def test_variants_report_strides_channels_and_shapes(name):
     variant = SWIN_VARIANTS[name]
     cfg = load_config("hdetr_swin_t_tricks_12ep", [f"model.backbone.name={name}"]).model.backbone
     with torch.device("meta"):  # shapes only: Swin-L has 195M parameters
-        backbone = build_backbone(cfg, STAGES)
+        backbone = build_backbone(backbone_spec(cfg), STAGES)
         out = backbone(torch.empty(2, 3, 75, 101))
     channels = [variant.embed_dim * 2, variant.embed_dim * 4, variant.embed_dim * 8]
     assert backbone.out_channels == dict(zip(STAGES, channels))
@@ -144,7 +144,7 @@ def test_frozen_stages_and_trainable():
 def test_dc5_is_refused():
     cfg = load_config("hdetr_swin_t_tricks_12ep", ["model.backbone.dilation=true"]).model.backbone
     with pytest.raises(UserError, match="dilation"):
-        build_backbone(cfg, STAGES)
+        build_backbone(backbone_spec(cfg), STAGES)
 
 
 def official_layout(backbone: SwinBackbone, *, imagenet: bool) -> dict[str, torch.Tensor]:

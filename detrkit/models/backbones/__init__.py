@@ -13,5 +13,6 @@ from detrkit.models.backbones.registry import (
     check_backbone_name,
     register,
 )
+from detrkit.models.backbones.spec import BackboneSpec
 
-__all__ = ["backbone_names", "build_backbone", "check_backbone_name", "register"]
+__all__ = ["BackboneSpec", "backbone_names", "build_backbone", "check_backbone_name", "register"]

@@ -32,9 +32,9 @@ from timm.models.coat import insert_cls, remove_cls
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from detrkit.config.schema import BackboneConfig
 from detrkit.errors import UserError
 from detrkit.models.backbones.registry import register, resolved_frozen_stages
+from detrkit.models.backbones.spec import BackboneSpec
 from detrkit.models.backbones.weights import read_state_dict
 
 logger = logging.getLogger(__name__)
@@ -245,7 +245,7 @@ def _nesting_pad(length: int) -> int:
 
 
 @register(*CHANNELS)
-def build_coat(cfg: BackboneConfig, stages: Sequence[str]) -> CoaTBackbone:
+def build_coat(cfg: BackboneSpec, stages: Sequence[str]) -> CoaTBackbone:
     """``cfg.norm`` does not apply (CoaT has LayerNorms only); DC5 is not available."""
     if cfg.dilation:
         raise UserError(f"model.backbone.dilation (DC5) needs a bottleneck ResNet, not {cfg.name}")

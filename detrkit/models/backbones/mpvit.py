@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import FrozenBatchNorm2d
 
-from detrkit.config.schema import BackboneConfig
 from detrkit.errors import UserError
 from detrkit.models.backbones.mpvit_layers import (
     ConvBN,
@@ -29,6 +28,7 @@ from detrkit.models.backbones.mpvit_layers import (
     init_transformer_weights,
 )
 from detrkit.models.backbones.registry import register, resolved_frozen_stages
+from detrkit.models.backbones.spec import BackboneSpec
 from detrkit.models.backbones.weights import load_checked, read_state_dict
 
 logger = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def _strip_prefix(key: str) -> str:
 
 
 @register(*VARIANTS)
-def build_mpvit(cfg: BackboneConfig, stages: Sequence[str]) -> MPViTBackbone:
+def build_mpvit(cfg: BackboneSpec, stages: Sequence[str]) -> MPViTBackbone:
     if cfg.dilation:
         raise UserError(f"model.backbone.dilation (DC5) is for ResNets, not {cfg.name}")
     return MPViTBackbone(

@@ -16,14 +16,15 @@ Padding masks at each stride are derived by the neck from the image mask.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from detrkit.config.schema import BackboneConfig
 from detrkit.errors import UserError
+from detrkit.models.backbones.spec import BackboneSpec
 
-BackboneFactory = Callable[[BackboneConfig, Sequence[str]], nn.Module]
+BackboneFactory = Callable[[BackboneSpec, Sequence[str]], nn.Module]
 _REGISTRY: dict[str, BackboneFactory] = {}
 
 
@@ -48,21 +49,22 @@ def check_backbone_name(name: str) -> None:
     """``UserError`` for an unknown name, listing the closest known ones."""
     if name in _REGISTRY:
         return
-    from detrkit.config.validate import nearest
-
-    close = nearest(name, backbone_names())
+    # The same ordering as ``nearest`` of the configuration's validation, kept local so that
+    # the model side does not import the configuration package.
+    ratio = {c: difflib.SequenceMatcher(None, name, c).ratio() for c in backbone_names()}
+    close = sorted(ratio, key=lambda c: (-ratio[c], c))
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise UserError(
         f"unknown model.backbone.name '{name}'{hint} (known: {', '.join(backbone_names())})"
     )
 
 
-def resolved_frozen_stages(cfg: BackboneConfig, family_default: int) -> int:
+def resolved_frozen_stages(cfg: BackboneSpec, family_default: int) -> int:
     """``cfg.frozen_stages``, or the family's original setting when it is None."""
     return family_default if cfg.frozen_stages is None else cfg.frozen_stages
 
 
-def build_backbone(cfg: BackboneConfig, stages: Sequence[str]) -> nn.Module:
+def build_backbone(cfg: BackboneSpec, stages: Sequence[str]) -> nn.Module:
     """The backbone ``cfg.name`` returning ``stages``, with ``cfg.weights`` loaded if set."""
     check_backbone_name(cfg.name)
     backbone = _REGISTRY[cfg.name](cfg, tuple(stages))

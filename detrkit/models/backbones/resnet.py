@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import FrozenBatchNorm2d
 
-from detrkit.config.schema import BackboneConfig
 from detrkit.errors import UserError
 from detrkit.models.backbones.registry import register, resolved_frozen_stages
+from detrkit.models.backbones.spec import BackboneSpec
 from detrkit.models.backbones.weights import load_checked, read_state_dict
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def _strip_prefix(key: str) -> str:
 
 
 @register("resnet18", "resnet34", "resnet50", "resnet101")
-def build_resnet(cfg: BackboneConfig, stages: Sequence[str]) -> ResNetBackbone:
+def build_resnet(cfg: BackboneSpec, stages: Sequence[str]) -> ResNetBackbone:
     return ResNetBackbone(
         cfg.name,
         return_stages=stages,

@@ -41,9 +41,9 @@ from timm.models.swin_transformer import (
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from detrkit.config.schema import BackboneConfig
 from detrkit.errors import UserError
 from detrkit.models.backbones.registry import register, resolved_frozen_stages
+from detrkit.models.backbones.spec import BackboneSpec
 from detrkit.models.backbones.weights import read_state_dict
 
 logger = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ def _stage_of(key: str) -> int:
 
 
 @register(*SWIN_VARIANTS)
-def build_swin(cfg: BackboneConfig, stages: Sequence[str]) -> SwinBackbone:
+def build_swin(cfg: BackboneSpec, stages: Sequence[str]) -> SwinBackbone:
     if cfg.dilation:
         raise UserError("model.backbone.dilation (DC5) applies to ResNets, not to Swin")
     return SwinBackbone(
