@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -12,8 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from detrkit.engine.precision import Precision
+from detrkit.engine.state import LoopState
+from detrkit.errors import UserError
 from detrkit.losses.criterion import SetCriterion
 from detrkit.structures import ImageBatch, Target
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -109,3 +114,31 @@ def _grad_norm(model: nn.Module, max_norm: float | None, device: torch.device) -
     else:
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
     return norm.to(device)
+
+
+class TrainingDiverged(UserError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def check_finite(
+    result: StepResult, loop: LoopState, image_ids: Sequence[int], max_streak: int
+) -> None:
+    """Count consecutive non-finite steps in ``loop`` (each is logged with its images; the
+    update was already skipped on every process) and stop the run after ``max_streak``."""
+    if result.finite:
+        loop.nonfinite_streak = 0
+        return
+    loop.nonfinite_streak += 1
+    logger.warning(
+        "step %d: non-finite loss %.4g or grad norm %.4g; step skipped (images %s)",
+        loop.step,
+        result.loss,
+        result.grad_norm,
+        list(image_ids),
+    )
+    if loop.nonfinite_streak >= max_streak:
+        raise TrainingDiverged(
+            f"{loop.nonfinite_streak} consecutive non-finite steps (last images "
+            f"{list(image_ids)}); lower train.lr, check the data with the images named above, or "
+            "use --precision fp32"
+        )

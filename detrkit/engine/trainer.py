@@ -50,7 +50,7 @@ from detrkit.engine.state import (
     rng_state,
     seed_everything,
 )
-from detrkit.engine.step import StepResult, train_step
+from detrkit.engine.step import StepResult, check_finite, train_step
 from detrkit.engine.summary import (
     EpochSummary,
     EpochTally,
@@ -62,10 +62,6 @@ from detrkit.engine.tensorboard import TensorBoardLog, tensorboard_wanted
 from detrkit.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingDiverged(UserError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 class Trainer:
@@ -366,7 +362,8 @@ class Trainer:
         self.loop.steps_in_epoch += 1
         if self.ema is not None and result.updated:
             self.ema.update(self.model)
-        self._check_finite(result, micro)
+        image_ids = [t.image_id for _, targets in micro for t in targets]
+        check_finite(result, self.loop, image_ids, self.cfg.train.max_nonfinite_steps)
         self.meter.add(result, time.perf_counter() - started)
         if self.loop.step % self.cfg.train.log_every == 0 or self.loop.step == 1:
             self._flush_log()
@@ -416,26 +413,6 @@ class Trainer:
         train = self.cfg.train
         total = train.epochs * self._steps_per_epoch()
         return total if train.max_steps is None else min(total, train.max_steps)
-
-    def _check_finite(self, result, micro) -> None:
-        if result.finite:
-            self.loop.nonfinite_streak = 0
-            return
-        self.loop.nonfinite_streak += 1
-        image_ids = [t.image_id for _, targets in micro for t in targets]
-        logger.warning(
-            "step %d: non-finite loss %.4g or grad norm %.4g; step skipped (images %s)",
-            self.loop.step,
-            result.loss,
-            result.grad_norm,
-            image_ids,
-        )
-        if self.loop.nonfinite_streak >= self.cfg.train.max_nonfinite_steps:
-            raise TrainingDiverged(
-                f"{self.loop.nonfinite_streak} consecutive non-finite steps (last images "
-                f"{image_ids}); lower train.lr, check the data with the images named above, or "
-                "use --precision fp32"
-            )
 
     def evaluate(self) -> dict:
         """COCO evaluation on the val split; writes results JSON and logs the table (rank 0)."""
