@@ -21,6 +21,15 @@ TINY_MODEL_OVERRIDES = [
     "model.encoder.num_layers=1",
     "model.decoder.num_layers=2",
 ]
+# A tiny run on the 64-pixel synthetic images: the model above, 4 images per batch.
+TINY_RUN_OVERRIDES = [
+    *TINY_MODEL_OVERRIDES,
+    "data.train_scales=[64]",
+    "data.val_size=64",
+    "data.max_size=96",
+    "data.batch_size=4",
+    "data.eval_batch_size=4",
+]
 
 
 def tiny_model_config(**changes) -> ModelConfig:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
@@ -64,17 +65,9 @@ def build_position(cfg: ModelConfig) -> nn.Module:
 
 
 def backbone_spec(cfg: BackboneConfig) -> BackboneSpec:
-    """``model.backbone`` as the backbones' own spec (the model side never sees the schema)."""
-    return BackboneSpec(
-        name=cfg.name,
-        dilation=cfg.dilation,
-        weights=cfg.weights,
-        trainable=cfg.trainable,
-        frozen_stages=cfg.frozen_stages,
-        norm=cfg.norm,
-        drop_path_rate=cfg.drop_path_rate,
-        checkpointing=cfg.checkpointing,
-    )
+    """``model.backbone`` as the backbones' own spec (the model side never sees the schema);
+    the two share their field names (tested)."""
+    return BackboneSpec(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(BackboneSpec)})
 
 
 def backbone_stages(cfg: ModelConfig) -> tuple[str, ...]:

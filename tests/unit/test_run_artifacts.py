@@ -12,15 +12,10 @@ from detrkit.engine.state import EMA_FILE, MODEL_FILE, inference_checkpoint, lat
 from detrkit.engine.trainer import Trainer
 from detrkit.errors import UserError
 from detrkit.inference import load_model
-from tests.conftest import TINY_MODEL_OVERRIDES
+from tests.conftest import TINY_RUN_OVERRIDES
 
 TINY = [
-    *TINY_MODEL_OVERRIDES,
-    "data.train_scales=[64]",
-    "data.val_size=64",
-    "data.max_size=96",
-    "data.batch_size=4",
-    "data.eval_batch_size=4",
+    *TINY_RUN_OVERRIDES,
     "train.epochs=1",
     "train.eval_every=0",
     "train.tensorboard=false",

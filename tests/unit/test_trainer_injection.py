@@ -11,15 +11,10 @@ from detrkit.config.load import load_config
 from detrkit.data.synth import CATEGORY_IDS
 from detrkit.engine.data import open_split
 from detrkit.engine.trainer import Trainer
-from tests.conftest import TINY_MODEL_OVERRIDES
+from tests.conftest import TINY_RUN_OVERRIDES
 
 TINY = [
-    *TINY_MODEL_OVERRIDES,
-    "data.train_scales=[64]",
-    "data.val_size=64",
-    "data.max_size=96",
-    "data.batch_size=4",
-    "data.eval_batch_size=4",
+    *TINY_RUN_OVERRIDES,
     "train.epochs=1",
     "train.max_steps=2",
     "train.eval_every=0",
