@@ -12,7 +12,9 @@ Box conventions, stated once for the whole package:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -106,26 +108,93 @@ class EncoderMemory:
 
 
 @dataclass(frozen=True)
+class FixedAssignment:
+    """Targets a scheme hands over for its queries instead of matching them (denoising,
+    Co-DETR's positive queries).
+
+    Attributes:
+        pairs: per image, (query indices [M] int64 within the group, target indices [M] int64
+            into that image's targets); queries in no pair are negatives ("no object").
+        targets: per image, the targets the pairs index (explicit boxes and labels), or None for
+            the images' own ground truth.
+        normaliser_multiplier: the losses are divided by the rank-averaged ground-truth count
+            (at least 1) times this (DINO divides its denoising losses by boxes x groups).
+    """
+
+    pairs: tuple[tuple[Tensor, Tensor], ...]
+    targets: tuple[Target, ...] | None = None
+    normaliser_multiplier: float = 1.0
+
+
+@dataclass(frozen=True)
+class Supervision:
+    """How a query group is trained; the criterion reads it from the group.
+
+    Attributes:
+        assigner: the name of one of the criterion's assigners ("hungarian": the configured
+            matching costs; "hungarian_no_class": the same without the class cost), an
+            assigner object of the scheme's own (``matching.batch.Assigner``), or a
+            ``FixedAssignment``.
+        term_weights: loss-term name -> weight in the total; None = the configured weights.
+        scale: multiplies every term of the group as reported (H-DETR's ``lambda_one2many``,
+            which the original folds into the terms, not their weights).
+        target_repeat: match and supervise against every target repeated this many times,
+            tiled [g1..gG, g1..gG, ...] (H-DETR's one-to-many group).
+        class_agnostic: every target label is 0 (two-stage encoder proposals).
+        match_on: "predictions" = predicted boxes, "anchors" = the group's ``anchors``.
+        merge_with: another group over the same queries whose pairs, layer by layer, are added
+            to this group's (MS-DETR's ``--use_indices_merge``), or None.
+    """
+
+    assigner: object = "hungarian"
+    term_weights: Mapping[str, float] | None = None
+    scale: float = 1.0
+    target_repeat: int = 1
+    class_agnostic: bool = False
+    match_on: Literal["predictions", "anchors"] = "predictions"
+    merge_with: str | None = None
+
+    @property
+    def fixed(self) -> FixedAssignment | None:
+        """The handed-over assignment, or None when the group is matched."""
+        return self.assigner if isinstance(self.assigner, FixedAssignment) else None
+
+
+@dataclass(frozen=True)
 class QueryGroup:
-    """A labelled span of the query axis, supervised by one assigner.
+    """A labelled span of the query axis and how it is supervised.
 
     Attributes:
         name: "main", "o2m", ... (used in loss names).
         start, stop: half-open span on the query axis.
-        assigner: key into ``SetCriterion.assigners``.
-        loss_weight: multiplies every loss term of the group.
+        supervision: assigner, weights and targets of the group's losses.
         at_inference: whether this group is returned by ``DetectorOutput.for_inference``.
-        target_repeat: the group is supervised against every target repeated this many times
-            (H-DETR's one-to-many group).
+        valid: [B, stop - start] bool, False on padding queries of images with fewer queries
+            (they take no loss and no query attends to them), or None = all valid.
     """
 
     name: str
     start: int
     stop: int
-    assigner: str = "hungarian"
-    loss_weight: float = 1.0
+    supervision: Supervision = field(default_factory=Supervision)
     at_inference: bool = False
-    target_repeat: int = 1
+    valid: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class QueryAttention:
+    """Which queries a new span of queries attends to in self-attention. Queries already in
+    the set never attend to a new span (training-only queries cannot change the others).
+
+    Attributes:
+        sees_existing: the new queries attend to the queries already in the set (DINO's
+            denoising queries see the matching queries; H-DETR's one-to-many ones do not).
+        blocked: [N, N] or [B, N, N] bool among the new queries, True = blocked (e.g. one
+            denoising group may not see another), or None = all see each other.
+    """
+
+    sees_existing: bool = False
+    blocked: Tensor | None = None
 
 
 @dataclass
@@ -138,7 +207,7 @@ class QuerySet:
             from ``reference``.
         reference: [B, Q, 2 | 4] sigmoid-space reference points/boxes, or None (DETR).
         groups: the labelled spans covering [0, Q).
-        self_attn_mask: [Q, Q] bool, True where attention is blocked, or None.
+        self_attn_mask: [Q, Q] or [B, Q, Q] bool, True where attention is blocked, or None.
     """
 
     content: Tensor
@@ -150,6 +219,58 @@ class QuerySet:
     @property
     def num_queries(self) -> int:
         return self.content.shape[1]
+
+    def append(
+        self,
+        group: QueryGroup,
+        content: Tensor,
+        *,
+        pos: Tensor | None = None,
+        reference: Tensor | None = None,
+        attention: QueryAttention | None = None,
+    ) -> QuerySet:
+        """A new set with ``content`` [B, N, D] appended as ``group`` (its ``start``/``stop``
+        are set here), with positions [B, N, D] and references [B, N, 2 | 4] where the set has
+        them, attending as ``attention`` says (default: only among themselves)."""
+        start, count = self.num_queries, content.shape[1]
+        group = replace(group, start=start, stop=start + count)
+        return QuerySet(
+            content=torch.cat((self.content, content), 1),
+            pos=_cat_optional(self.pos, pos, "pos"),
+            reference=_cat_optional(self.reference, reference, "reference"),
+            groups=self.groups + (group,),
+            self_attn_mask=self._extended_mask(count, attention or QueryAttention(), group.valid),
+        )
+
+    def _extended_mask(self, count: int, attention: QueryAttention, valid: Tensor | None) -> Tensor:
+        """The [Q + N, Q + N] (or per-image [B, Q + N, Q + N]) mask after appending N queries."""
+        old, total = self.num_queries, self.num_queries + count
+        device = self.content.device
+        per_image = valid is not None or any(
+            m is not None and m.dim() == 3 for m in (self.self_attn_mask, attention.blocked)
+        )
+        shape = (self.content.shape[0], total, total) if per_image else (total, total)
+        mask = torch.zeros(shape, dtype=torch.bool, device=device)
+        if self.self_attn_mask is not None:
+            mask[..., :old, :old] = self.self_attn_mask
+        mask[..., :old, old:] = True
+        if not attention.sees_existing:
+            mask[..., old:, :old] = True
+        if attention.blocked is not None:
+            mask[..., old:, old:] = attention.blocked
+        if valid is not None:
+            mask[:, :, old:] |= ~valid[:, None, :]
+        # A query always sees itself, so no row of the softmax is empty.
+        mask.diagonal(dim1=-2, dim2=-1).fill_(False)
+        return mask
+
+
+def _cat_optional(existing: Tensor | None, new: Tensor | None, name: str) -> Tensor | None:
+    if existing is None and new is None:
+        return None
+    if existing is None or new is None:
+        raise ValueError(f"appended queries must bring '{name}' exactly when the set has it")
+    return torch.cat((existing, new.to(existing.dtype)), 1)
 
 
 @dataclass
@@ -177,28 +298,45 @@ class PredictionGroup:
         name: group name, used in loss names ``{name}/{term}/d{layer}``.
         logits: [L, B, Qg, C] class logits (C includes "no object" for softmax heads).
         boxes: [L, B, Qg, 4] cxcywh in [0, 1].
-        assigner: key into ``SetCriterion.assigners``.
-        loss_weight: multiplies every term of the group.
+        supervision: how the criterion assigns targets and weighs the terms.
         at_inference: whether the group is the detector's inference output.
-        class_agnostic: match and supervise with every label set to 0 (two-stage proposals).
-        target_repeat: supervise against the targets repeated this many times.
         anchors: [L, B, Qg, 4] cxcywh boxes the predictions started from (two-stage proposals),
-            or None; some schemes match on them.
+            or None; ``supervision.match_on="anchors"`` matches on them.
+        valid: [B, Qg] bool, False on padding queries (no loss), or None = all valid.
     """
 
     name: str
     logits: Tensor
     boxes: Tensor
-    assigner: str = "hungarian"
-    loss_weight: float = 1.0
+    supervision: Supervision = field(default_factory=Supervision)
     at_inference: bool = False
-    class_agnostic: bool = False
-    target_repeat: int = 1
     anchors: Tensor | None = None
+    valid: Tensor | None = None
 
     @property
     def num_layers(self) -> int:
         return self.logits.shape[0]
+
+
+@dataclass
+class DenseLoss:
+    """A loss computed beside the decoder (an anchor- or proposal-based head over the encoder
+    memory). The criterion evaluates it in fp32 outside autocast and normalises it.
+
+    Attributes:
+        name: the logged name, e.g. ``rpn/cls``.
+        compute: ``compute(*inputs) -> scalar``, the loss summed over what it supervises.
+        inputs: tensors handed to ``compute``, cast to float32 first.
+        count: local normaliser (a scalar tensor, e.g. the positives); it is averaged over ranks
+            like the box count and clamped to at least 1. None = the batch's box count.
+        weight: the term's weight in the total.
+    """
+
+    name: str
+    compute: Callable[..., Tensor]
+    inputs: tuple[Tensor, ...]
+    count: Tensor | None = None
+    weight: float = 1.0
 
 
 @dataclass
@@ -208,11 +346,11 @@ class DetectorOutput:
     Attributes:
         groups: prediction groups (in eval mode: the inference group only, plus any group the
             detector always computes).
-        extra_losses: losses computed inside the model (e.g. dense auxiliary heads).
+        dense_losses: losses of training-only heads beside the decoder (empty at inference).
     """
 
     groups: list[PredictionGroup]
-    extra_losses: dict[str, Tensor] = field(default_factory=dict)
+    dense_losses: list[DenseLoss] = field(default_factory=list)
 
     def for_inference(self) -> PredictionGroup:
         chosen = [g for g in self.groups if g.at_inference]
@@ -251,7 +389,8 @@ class LossOutput:
 
     Attributes:
         total: scalar, sum of weighted terms (what is back-propagated).
-        terms: name -> unweighted scalar, named ``{group}/{term}/d{layer}``.
+        terms: name -> scalar as reported (a group's ``supervision.scale`` included, its weight
+            not), named ``{group}/{term}/d{layer}``; dense losses by their own names.
         weights: name -> the weight applied to the term in ``total``.
     """
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -27,7 +26,6 @@ from detrkit.losses.criterion import SetCriterion
 from detrkit.losses.terms import GIoUTerm, L1Term, SigmoidFocalTerm, SoftmaxCrossEntropyTerm
 from detrkit.matching.costs import FocalClassCost, SoftmaxClassCost
 from detrkit.matching.hungarian import HungarianAssigner
-from detrkit.matching.one_to_many import TopKQualityAssigner
 from detrkit.models.backbones import BackboneSpec, build_backbone
 from detrkit.models.decoder import Decoder, DecoderLayer
 from detrkit.models.deformable_encoder import DeformableEncoder, DeformableEncoderLayer
@@ -41,8 +39,8 @@ from detrkit.models.refine import BoxRefiner
 from detrkit.models.smca_encoder import SmcaConvEncoder, SmcaConvEncoderLayer
 from detrkit.models.two_stage import TwoStageQuerySelector
 from detrkit.schemes.base import TrainingScheme
-from detrkit.schemes.hybrid import HybridMatching
-from detrkit.schemes.mixed import MixedSupervision
+from detrkit.schemes.registry import SchemeContext, scheme_spec
+from detrkit.structures import Supervision
 
 
 def resolved_num_classes(cfg: ModelConfig, num_classes: int | None = None) -> int:
@@ -204,6 +202,7 @@ def build_queries(cfg: ModelConfig, num_logits_: int, num_extra: int = 0) -> nn.
             num_logits_,
             mixed_selection=cfg.queries.mixed_selection,
             num_embeddings=rows,
+            supervision=encoder_supervision(cfg),
         )
     if kind == "learned_with_reference":
         return LearnedQueriesWithReference(rows, cfg.hidden_dim)
@@ -236,7 +235,7 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> QueryDetect
         num_extra_levels=cfg.num_feature_levels - len(stages),
     )
     head = build_head(cfg, logits)
-    schemes = build_schemes(cfg, head)
+    schemes = build_schemes(cfg, head, resolved_num_classes(cfg, num_classes), logits)
     num_extra = sum(scheme.extra_queries for scheme in schemes.values())
     taps = tuple(dict.fromkeys(t for scheme in schemes.values() for t in scheme.tap_points))
     strides = memory_strides(cfg, neck_strides(cfg, backbone.strides))
@@ -252,41 +251,44 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> QueryDetect
     )
 
 
-def build_schemes(cfg: ModelConfig, head: DetectionHead) -> dict[str, TrainingScheme]:
-    """The enabled training schemes by config section name, in a fixed order (their query slots
-    follow the inference ones in that order). ``head`` must already be initialised: schemes with
-    their own class heads start as copies of it."""
-    schemes: dict[str, TrainingScheme] = {}
-    hybrid, mixed = cfg.schemes.hybrid, cfg.schemes.mixed
-    if hybrid is not None:
-        schemes["hybrid"] = HybridMatching(hybrid.num_queries, hybrid.repeat_k, hybrid.loss_weight)
-    if mixed is not None:
-        dec = cfg.decoder
-        schemes["mixed"] = MixedSupervision(
-            cfg.hidden_dim,
-            dec.ffn_dim,
-            dec.num_layers,
-            dec.dropout,
-            predict_from=mixed.predict_from,
-            aux_ffn=mixed.aux_ffn,
-            class_heads=copy.deepcopy(head.class_embed) if mixed.separate_class_heads else None,
-        )
-    return schemes
+def build_schemes(
+    cfg: ModelConfig, head: DetectionHead, num_classes: int, num_logits_: int
+) -> dict[str, TrainingScheme]:
+    """The enabled training schemes by name, in ``model.schemes`` order (their query slots
+    follow the inference ones in that order), each built by its registered builder. ``head``
+    must already be initialised: schemes with their own class heads start as copies of it."""
+    context = SchemeContext(model=cfg, head=head, num_classes=num_classes, num_logits=num_logits_)
+    return {
+        name: scheme_spec(name).build(context, options) for name, options in cfg.schemes.items()
+    }
 
 
-def _encoder_group_weights(
-    cfg: ModelConfig, term_weights: dict[str, float]
-) -> dict[str, dict[str, float]]:
-    """{"enc": weights} when any encoder-proposal weight is set (MS-DETR), else {}."""
+def encoder_supervision(cfg: ModelConfig) -> Supervision:
+    """How the two-stage encoder proposals are trained: class-agnostic, with the decoder's
+    weights unless ``model.loss.encoder_*_weight`` set their own, matched by their predicted
+    boxes, or by their anchors without a class cost (MS-DETR, docs/methods.md#ms-detr-losses)."""
     loss = cfg.loss
-    encoder = {
+    own = {
         "cls": loss.encoder_class_weight,
         "l1": loss.encoder_bbox_weight,
         "giou": loss.encoder_giou_weight,
     }
-    if all(value is None for value in encoder.values()):
-        return {}
-    return {"enc": {t: term_weights[t] if v is None else v for t, v in encoder.items()}}
+    weights = None
+    if any(value is not None for value in own.values()):
+        base = base_term_weights(cfg)
+        weights = {term: base[term] if value is None else value for term, value in own.items()}
+    by_anchors = loss.encoder_matching == "anchors"
+    return Supervision(
+        "hungarian_no_class" if by_anchors else "hungarian",
+        term_weights=weights,
+        class_agnostic=True,
+        match_on="anchors" if by_anchors else "predictions",
+    )
+
+
+def base_term_weights(cfg: ModelConfig) -> dict[str, float]:
+    loss = cfg.loss
+    return {"cls": loss.class_weight, "l1": loss.bbox_weight, "giou": loss.giou_weight}
 
 
 def build_criterion(
@@ -303,45 +305,17 @@ def build_criterion(
         class_cost = FocalClassCost(loss.focal_alpha, loss.focal_gamma)
         class_term = SigmoidFocalTerm(loss.focal_alpha, loss.focal_gamma)
     matcher = cfg.matcher
-    hungarian = HungarianAssigner(
-        class_cost,
-        cost_class=matcher.cost_class,
-        cost_bbox=matcher.cost_bbox,
-        cost_giou=matcher.cost_giou,
-    )
-    anchor_matching = loss.encoder_matching == "anchors"
-    # MS-DETR matches proposals to boxes by their anchors alone: no class cost
-    # (docs/methods.md#ms-detr-losses).
-    anchor_hungarian = HungarianAssigner(
-        class_cost, cost_class=0.0, cost_bbox=matcher.cost_bbox, cost_giou=matcher.cost_giou
-    )
-    assigners = {"hungarian": hungarian, "hungarian_anchor": anchor_hungarian}
-    term_weights = {"cls": loss.class_weight, "l1": loss.bbox_weight, "giou": loss.giou_weight}
-    group_weights = _encoder_group_weights(cfg, term_weights)
-    mixed = cfg.schemes.mixed
-    if mixed is not None:
-        assigners["topk_quality"] = TopKQualityAssigner(
-            mixed.k,
-            mixed.threshold,
-            mixed.positive_fraction,
-            mixed.box_quality,
-            score="softmax" if loss.class_loss == "softmax_ce" else "sigmoid",
-        )
-        group_weights["ms_o2m"] = {
-            "cls": mixed.class_weight,
-            "l1": mixed.bbox_weight,
-            "giou": mixed.giou_weight,
-        }
+    costs = dict(cost_bbox=matcher.cost_bbox, cost_giou=matcher.cost_giou)
+    assigners = {
+        "hungarian": HungarianAssigner(class_cost, cost_class=matcher.cost_class, **costs),
+        "hungarian_no_class": HungarianAssigner(class_cost, cost_class=0.0, **costs),
+    }
     return SetCriterion(
         assigners=assigners,
         terms={"cls": class_term, "l1": L1Term(), "giou": GIoUTerm()},
-        term_weights=term_weights,
+        term_weights=base_term_weights(cfg),
         aux_loss=loss.aux_loss,
         reduce_num_boxes=reduce_num_boxes,
-        group_term_weights=group_weights,
-        group_assigners={"enc": "hungarian_anchor"} if anchor_matching else {},
-        anchor_matched=("enc",) if anchor_matching else (),
-        merged_matches={"ms_o2m": "main"} if mixed is not None and mixed.merge_one_to_one else {},
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from detrkit.config.schema import ModelConfig, SmcaConfig
 from detrkit.errors import UserError
 from detrkit.models.backbones import check_backbone_name
+from detrkit.schemes.registry import scheme_spec
 
 
 def validate_model_config(cfg: ModelConfig) -> None:
@@ -34,15 +35,6 @@ def validate_model_config(cfg: ModelConfig) -> None:
         )
     check_backbone_name(cfg.backbone.name)
     _validate_orders(cfg)
-    mixed = cfg.schemes.mixed
-    if mixed is not None and mixed.predict_from == "cross_attn":
-        if cfg.decoder.order[0] != "cross_attn":
-            raise UserError(
-                "model.schemes.mixed.predict_from=cross_attn (MS-DETR) supervises the state "
-                "right after cross-attention, which must come first: set "
-                "model.decoder.order=[cross_attn,self_attn,ffn], or predict from the layer "
-                "outputs with model.schemes.mixed.predict_from=layer_output (implementation (a))"
-            )
     if cfg.nms_iou_threshold is not None and cfg.loss.class_loss != "sigmoid_focal":
         raise UserError(
             "model.nms_iou_threshold applies to sigmoid heads (model.loss.class_loss="
@@ -50,6 +42,10 @@ def validate_model_config(cfg: ModelConfig) -> None:
         )
     if cfg.num_feature_levels < 1:
         raise UserError("model.num_feature_levels must be at least 1")
+    for name, options in cfg.schemes.items():
+        check = scheme_spec(name).check
+        if check is not None:
+            check(cfg, options)
 
 
 DECODER_OPS = ("self_attn", "cross_attn", "ffn")
@@ -83,12 +79,6 @@ def _validate_smca(cfg: ModelConfig) -> None:
         raise UserError(f"model.smca.encoder_kernel={cfg.smca.encoder_kernel} must be odd")
     if cfg.smca.smooth <= 0:
         raise UserError(f"model.smca.smooth={cfg.smca.smooth} must be positive")
-    if cfg.smca.query_mixture and cfg.schemes.hybrid is not None:
-        raise UserError(
-            "model.smca.query_mixture splits the inference queries into an unmodulated and a "
-            "modulated half; the hybrid one-to-many queries (model.schemes.hybrid) have no such "
-            "split: turn one of them off"
-        )
 
 
 def _validate_orders(cfg: ModelConfig) -> None:

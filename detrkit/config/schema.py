@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from detrkit.config.scheme_settings import SchemeSettings
+
 
 @dataclass(frozen=True)
 class BackboneConfig:
@@ -149,57 +151,6 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
-class HybridConfig:
-    """H-DETR hybrid matching (docs/methods.md#h-detr).
-
-    Attributes:
-        num_queries: extra one-to-many query slots in training (``--num_queries_one2many``).
-        repeat_k: times each ground-truth box is repeated for them (``--k_one2many``).
-        loss_weight: weight of their losses (``--lambda_one2many``).
-    """
-
-    num_queries: int = 1500
-    repeat_k: int = 6
-    loss_weight: float = 1.0
-
-
-@dataclass(frozen=True)
-class MixedConfig:
-    """MS-DETR mixed supervision (docs/methods.md#ms-detr): one-to-many supervision of the primary
-    queries.
-
-    Attributes:
-        predict_from: where the one-to-many predictions read the decoder: "cross_attn" = each
-            layer's state right after cross-attention (the root implementation, needs
-            ``model.decoder.order`` to start with cross_attn) or "layer_output" = the same
-            hidden states as the one-to-one predictions (implementation (a)).
-        separate_class_heads: the one-to-many predictions get their own class heads, copied from
-            the detection head after initialisation (implementation (a)); box heads are shared.
-        aux_ffn: a second FFN per decoder layer on the tapped hidden state (``--use_aux_ffn``).
-        merge_one_to_one: add each layer's one-to-one Hungarian pairs to its one-to-many pairs
-            (``--use_indices_merge``, parsed but never wired in the original: off).
-        k: queries kept per ground-truth box (``--o2m_matcher_k``, not wired in the original).
-        threshold: quality threshold of a positive (``--o2m_matcher_threshold``, likewise).
-        positive_fraction: positives are subsampled to this fraction of the queries.
-        box_quality: weight of IoU in the quality 0.7 IoU + 0.3 score.
-        class_weight, bbox_weight, giou_weight: the group's loss weights
-            (``--o2m_cls_loss_coef`` / ``--o2m_bbox_loss_coef`` / ``--o2m_giou_loss_coef``).
-    """
-
-    predict_from: Literal["cross_attn", "layer_output"] = "cross_attn"
-    separate_class_heads: bool = False
-    aux_ffn: bool = True
-    merge_one_to_one: bool = False
-    k: int = 6
-    threshold: float = 0.4
-    positive_fraction: float = 0.25
-    box_quality: float = 0.7
-    class_weight: float = 2.0
-    bbox_weight: float = 5.0
-    giou_weight: float = 2.0
-
-
-@dataclass(frozen=True)
 class SmcaConfig:
     """SMCA-DETR's spatially modulated co-attention (docs/methods.md#smca-detr); read when
     ``model.decoder.attention=smca``.
@@ -240,14 +191,6 @@ class SmcaConfig:
 
 
 @dataclass(frozen=True)
-class SchemesConfig:
-    """Training-only supervision schemes; a section left null is off."""
-
-    hybrid: HybridConfig | None = None
-    mixed: MixedConfig | None = None
-
-
-@dataclass(frozen=True)
 class ModelConfig:
     """The detector.
 
@@ -266,6 +209,9 @@ class ModelConfig:
             (query, class) pairs before keeping ``top_k`` (MS-DETR's ``--nms_iou_threshold``);
             None = no NMS.
         smca: options of SMCA's Gaussian-modulated cross-attention.
+        schemes: training-only supervision schemes by name (``hybrid``, ``mixed``,
+            ``denoising``, ...), each with its own options; see ``detrkit presets`` and
+            docs/methods.md. Absent = plain one-to-one training.
     """
 
     num_classes: int | None = None
@@ -283,7 +229,7 @@ class ModelConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     top_k: int | None = None
     nms_iou_threshold: float | None = None
-    schemes: SchemesConfig = field(default_factory=SchemesConfig)
+    schemes: SchemeSettings = field(default_factory=SchemeSettings)
     smca: SmcaConfig = field(default_factory=SmcaConfig)
 
 

@@ -100,6 +100,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str, root: type) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return _build_dataclass(value, tp, prefix=f"{key}.", source=source, root=root)
+    if _is_config_mapping(tp):
+        return _build_mapping(value, tp, key, source, root)
     if origin in (Union, types.UnionType):
         return _coerce_union(value, tp, key, source, root)
     if origin is Literal:
@@ -115,6 +117,30 @@ def _coerce(value: Any, tp: Any, key: str, source: str, root: type) -> Any:
     if _scalar_ok(value, tp):
         return float(value) if tp is float else value
     raise _type_error(value, tp, key, source)
+
+
+def _is_config_mapping(tp: Any) -> bool:
+    """A mapping of names to typed sections, each name's type looked up by the class
+    (``model.schemes``)."""
+    return isinstance(tp, type) and getattr(tp, "config_mapping", False)
+
+
+def _build_mapping(data: Any, tp: type, key: str, source: str, root: type) -> Any:
+    """Validate ``{name: section}``; a null section is left out (turned off)."""
+    if data is None:
+        return tp()
+    if not isinstance(data, Mapping):
+        raise UserError(
+            f"config key '{key}' in {source} must be a mapping, got {describe_value(data)}"
+        )
+    sections = {}
+    for name, section in data.items():
+        section_type = tp.value_type(str(name), source)
+        if section is not None:
+            sections[name] = _build_dataclass(
+                section, section_type, prefix=f"{key}.{name}.", source=source, root=root
+            )
+    return tp(sections)
 
 
 def _coerce_union(value: Any, tp: Any, key: str, source: str, root: type) -> Any:
@@ -195,7 +221,7 @@ def _type_name(tp: Any) -> str:
         return f"a list of {len(args)} values [{', '.join(_type_name(a) for a in args)}]"
     if tp is type(None):
         return "null"
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) or _is_config_mapping(tp):
         return "a mapping"
     return getattr(tp, "__name__", repr(tp))
 
@@ -213,6 +239,12 @@ def describe_value(value: Any) -> str:
 
 def _schema_keys(cls: type, prefix: str = "") -> list[str]:
     """Every dotted key of dataclass ``cls``, nested sections included."""
+    if _is_config_mapping(cls):
+        keys = []
+        for name in cls.known_names():
+            keys.append(prefix + name)
+            keys.extend(_schema_keys(cls.value_type(name, ""), f"{prefix}{name}."))
+        return keys
     keys = []
     for name, tp in typing.get_type_hints(cls).items():
         keys.append(prefix + name)
@@ -223,8 +255,8 @@ def _schema_keys(cls: type, prefix: str = "") -> list[str]:
 
 
 def _nested_dataclass(tp: Any) -> type | None:
-    """The dataclass inside ``tp`` (``C`` or ``C | None``), else None."""
-    if dataclasses.is_dataclass(tp):
+    """The dataclass (or config mapping) inside ``tp`` (``C`` or ``C | None``), else None."""
+    if dataclasses.is_dataclass(tp) or _is_config_mapping(tp):
         return tp
     if typing.get_origin(tp) in (Union, types.UnionType):
         found = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
@@ -256,6 +288,10 @@ def field_type(root: type, key: str, source: str) -> Any:
     cls: Any = root
     tp: Any = None
     for part in key.split("."):
+        if cls is not None and _is_config_mapping(cls):
+            section = cls.value_type(part, source)
+            tp, cls = section | None, section
+            continue
         hints = typing.get_type_hints(cls) if cls is not None else {}
         if part not in hints:
             raise UserError(_unknown_key_message(key, source, root))
@@ -276,6 +312,8 @@ def _plain(value: Any) -> Any:
     """Recursive helper of :func:`config_to_dict`."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return config_to_dict(value)
+    if _is_config_mapping(type(value)):
+        return {name: _plain(section) for name, section in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value

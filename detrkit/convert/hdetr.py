@@ -11,10 +11,9 @@ from detrkit.config.schema import (
     BackboneConfig,
     DataConfig,
     ExperimentConfig,
-    HybridConfig,
     ModelConfig,
-    SchemesConfig,
 )
+from detrkit.config.scheme_settings import scheme_settings
 from detrkit.convert.deformable_detr import (
     deformable_model_config,
     deformable_rules,
@@ -22,6 +21,7 @@ from detrkit.convert.deformable_detr import (
 )
 from detrkit.convert.rules import RenameRule
 from detrkit.convert.swin import is_swin, swin_rules
+from detrkit.schemes.hybrid import HybridConfig
 
 # H-DETR's ``--drop_path_rate`` default (docs/methods.md#h-detr-flags).
 DEFAULT_DROP_PATH_RATE = 0.2
@@ -64,7 +64,7 @@ def hdetr_model_config(args: Mapping[str, Any]) -> ModelConfig:
     model = deformable_model_config(
         args,
         top_k=args.get("topk", 100),
-        schemes=SchemesConfig(hybrid=hybrid_from_args(args)),
+        schemes=scheme_settings(hybrid=hybrid_from_args(args)),
         backbone=hdetr_backbone(args),
     )
     checkpointing = bool(args.get("use_checkpoint"))

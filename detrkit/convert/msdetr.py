@@ -11,15 +11,15 @@ from typing import Any
 from detrkit.config.schema import (
     DataConfig,
     ExperimentConfig,
-    MixedConfig,
-    SchemesConfig,
 )
+from detrkit.config.scheme_settings import scheme_settings
 from detrkit.convert.deformable_detr import (
     deformable_model_config,
     deformable_rules,
     deformable_train_config,
 )
 from detrkit.convert.rules import RenameRule
+from detrkit.schemes.mixed import MixedConfig
 
 _LAYER = r"transformer\.decoder\.layers\.(\d+)"
 _MIXED = "schemes.mixed"
@@ -85,7 +85,7 @@ def _config(args: Mapping[str, Any], *, impl_a: bool) -> ExperimentConfig:
         decoder=decoder,
         loss=loss,
         nms_iou_threshold=args.get("nms_iou_threshold"),
-        schemes=SchemesConfig(mixed=mixed),
+        schemes=scheme_settings(mixed=mixed),
     )
     return ExperimentConfig(
         model=model,

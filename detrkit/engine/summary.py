@@ -14,6 +14,7 @@ from torch import nn
 
 from detrkit.config.schema import ExperimentConfig, ModelConfig
 from detrkit.engine.step import StepResult
+from detrkit.schemes.registry import scheme_spec
 
 if TYPE_CHECKING:
     from detrkit.engine.trainer import Trainer
@@ -35,10 +36,9 @@ def display_epoch(epoch: int, steps_in_epoch: int) -> int:
 def model_family(cfg: ModelConfig) -> str:
     """A readable name of the detector a config builds, e.g. "H-DETR (two-stage, iterative
     box refinement)"."""
-    if cfg.schemes.hybrid is not None:
-        family = "H-DETR"
-    elif cfg.schemes.mixed is not None:
-        family = "MS-DETR"
+    families = [scheme_spec(name).family or name for name in cfg.schemes]
+    if families:
+        family = " + ".join(families)
     elif cfg.decoder.attention == "smca":
         family = "SMCA-DETR"
     elif cfg.encoder.attention == "ms_deform":

@@ -66,7 +66,7 @@ class MultiHeadAttention(nn.Module):
             key: [B, Lk, D].
             value: [B, Lk, D].
             key_padding_mask: [B, Lk] bool, True = ignore that key.
-            attn_mask: [Lq, Lk] bool, True = blocked.
+            attn_mask: [Lq, Lk] or per image [B, Lq, Lk] bool, True = blocked.
             attn_bias: [B, H, Lq, Lk] float added to the scaled logits of the allowed keys
                 before the softmax (SMCA's spatial prior), or None.
             kernel: the attention computation; None = ``scaled_dot_product_attention``.
@@ -81,7 +81,7 @@ class MultiHeadAttention(nn.Module):
         if key_padding_mask is not None:
             allowed = ~key_padding_mask[:, None, None, :]
         if attn_mask is not None:
-            blocked = attn_mask[None, None]
+            blocked = attn_mask[None, None] if attn_mask.dim() == 2 else attn_mask[:, None]
             allowed = ~blocked if allowed is None else allowed & ~blocked
         mask = allowed
         if attn_bias is not None:
@@ -108,7 +108,8 @@ class SelfAttention(nn.Module):
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
     ) -> Tensor:
-        """x, pos: [B, L, D]; key_padding_mask: [B, L]; attn_mask: [L, L] (True = blocked)."""
+        """x, pos: [B, L, D]; key_padding_mask: [B, L]; attn_mask: [L, L] or [B, L, L]
+        (True = blocked)."""
         q = x if pos is None else x + pos
         return self.attn(q, q, x, key_padding_mask=key_padding_mask, attn_mask=attn_mask)
 

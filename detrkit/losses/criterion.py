@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``SetCriterion``: one generic loop over prediction groups x decoder layers."""
+"""``SetCriterion``: one generic loop over prediction groups x decoder layers, each group
+supervised as its ``Supervision`` says, plus the dense losses of training-only heads."""
 
 from __future__ import annotations
 
@@ -9,8 +10,14 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from detrkit.matching.batch import AssignRequest, assign_all
-from detrkit.structures import DetectorOutput, LossOutput, PredictionGroup, Target
+from detrkit.matching.batch import AssignRequest, Match, assign_all
+from detrkit.structures import (
+    DenseLoss,
+    DetectorOutput,
+    LossOutput,
+    PredictionGroup,
+    Target,
+)
 
 
 def loss_name(group: str, term: str, layer: int) -> str:
@@ -30,7 +37,7 @@ def repeated(targets: Sequence[Target], times: int) -> list[Target]:
     ]
 
 
-def merge_matches(own: list, extra: list) -> list:
+def merge_matches(own: list[Match], extra: list[Match]) -> list[Match]:
     """Per image, ``own`` pairs not in ``extra`` followed by ``extra``'s pairs (written last, so
     they win where a query is given two classes)."""
     merged = []
@@ -47,22 +54,17 @@ def merge_matches(own: list, extra: list) -> list:
 
 
 class SetCriterion(nn.Module):
-    """Match every (group, layer) and apply every loss term.
+    """Match every (group, layer) and apply every loss term; evaluate the dense losses.
 
     Args:
-        assigners: assigner name -> two-phase assigner (see ``matching.batch.Assigner``).
+        assigners: names a group's ``supervision.assigner`` may use -> two-phase assigner
+            (see ``matching.batch.Assigner``); groups may also bring their own assigner object.
         terms: term name ("cls", "l1", "giou") -> loss term module.
-        term_weights: term name -> weight.
+        term_weights: term name -> weight, for groups that do not bring their own.
         aux_loss: supervise every decoder layer; otherwise only the last.
-        reduce_num_boxes: maps the local box count (a tensor) to the value used for normalising,
+        reduce_num_boxes: maps a local count (a tensor) to the value used for normalising,
             e.g. the mean over distributed ranks; injected so the criterion never sees
-            ``torch.distributed``.
-        group_term_weights: group name -> term weights replacing ``term_weights`` for that group
-            (MS-DETR weighs its one-to-many and encoder classification differently).
-        group_assigners: group name -> assigner name replacing the group's own choice.
-        anchor_matched: groups matched by their ``anchors`` instead of their predicted boxes.
-        merged_matches: group name -> another group over the same queries whose pairs, layer by
-            layer, are added to its own (MS-DETR's ``--use_indices_merge``).
+            ``torch.distributed``. Box counts and dense-loss counts go through it alike.
     """
 
     def __init__(
@@ -73,10 +75,6 @@ class SetCriterion(nn.Module):
         term_weights: Mapping[str, float],
         aux_loss: bool = True,
         reduce_num_boxes: Callable[[Tensor], Tensor] = lambda n: n,
-        group_term_weights: Mapping[str, Mapping[str, float]] | None = None,
-        group_assigners: Mapping[str, str] | None = None,
-        anchor_matched: Sequence[str] = (),
-        merged_matches: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.assigners = dict(assigners)
@@ -84,17 +82,33 @@ class SetCriterion(nn.Module):
         self.term_weights = dict(term_weights)
         self.aux_loss = aux_loss
         self.reduce_num_boxes = reduce_num_boxes
-        self.group_term_weights = {k: dict(v) for k, v in (group_term_weights or {}).items()}
-        self.group_assigners = dict(group_assigners or {})
-        self.anchor_matched = tuple(anchor_matched)
-        self.merged_matches = dict(merged_matches or {})
 
-    def assigner_of(self, group: PredictionGroup):
-        return self.assigners[self.group_assigners.get(group.name, group.assigner)]
+    def assigner_of(self, group: PredictionGroup) -> object:
+        """The group's assigner object; an unknown name is an error."""
+        assigner = group.supervision.assigner
+        if not isinstance(assigner, str):
+            return assigner
+        if assigner not in self.assigners:
+            raise KeyError(
+                f"group '{group.name}' asks for assigner '{assigner}'; the criterion has "
+                f"{sorted(self.assigners)} (or pass an assigner object in its Supervision)"
+            )
+        return self.assigners[assigner]
+
+    def weights_of(self, group: PredictionGroup) -> Mapping[str, float]:
+        weights = group.supervision.term_weights
+        if weights is None:
+            return self.term_weights
+        missing = set(self.terms) - set(weights)
+        if missing:
+            raise KeyError(f"group '{group.name}' gives no weight for terms {sorted(missing)}")
+        return weights
 
     def match_boxes(self, group: PredictionGroup) -> Tensor:
         """What the assigner compares with the targets: predicted boxes, or anchors."""
-        if group.name in self.anchor_matched and group.anchors is not None:
+        if group.supervision.match_on == "anchors":
+            if group.anchors is None:
+                raise ValueError(f"group '{group.name}' is matched on anchors but has none")
             return group.anchors
         return group.boxes
 
@@ -103,28 +117,52 @@ class SetCriterion(nn.Module):
         return range(group.num_layers) if self.aux_loss else range(last, last + 1)
 
     def unrepeated_targets(self, group: PredictionGroup, targets: list[Target]) -> list[Target]:
-        """The group's targets before H-DETR's repetition."""
-        return class_agnostic(targets) if group.class_agnostic else list(targets)
+        """The group's targets before H-DETR's repetition: the handed-over ones of a fixed
+        assignment, else the ground truth (class-agnostic for proposals)."""
+        fixed = group.supervision.fixed
+        if fixed is not None and fixed.targets is not None:
+            return list(fixed.targets)
+        return class_agnostic(targets) if group.supervision.class_agnostic else list(targets)
 
     def group_targets(self, group: PredictionGroup, targets: list[Target]) -> list[Target]:
         """The targets the group's losses compare with (repeated ``target_repeat`` times)."""
         chosen = self.unrepeated_targets(group, targets)
-        return repeated(chosen, group.target_repeat) if group.target_repeat > 1 else chosen
+        repeat = group.supervision.target_repeat
+        return repeated(chosen, repeat) if repeat > 1 else chosen
 
-    def num_boxes(self, targets: Sequence[Target], device: torch.device) -> float:
-        count = torch.tensor(float(sum(len(t) for t in targets)), device=device)
-        return self.reduce_num_boxes(count).clamp(min=1).item()
+    def reduced_count(self, count: float | Tensor, device: torch.device) -> Tensor:
+        """A local count averaged by the injected reducer (a 0-d float tensor)."""
+        count = torch.as_tensor(count, dtype=torch.float32, device=device)
+        return self.reduce_num_boxes(count.float())
+
+    def num_boxes(self, group: PredictionGroup, targets: list[Target], device) -> Tensor:
+        """The normaliser of the group's box and focal terms.
+
+        H-DETR counts the repeated targets before clamping; DINO clamps the ground-truth count
+        and then multiplies by its denoising groups (docs/methods.md#implementation-notes).
+        """
+        fixed = group.supervision.fixed
+        chosen = self.unrepeated_targets(group, targets)
+        count = self.reduced_count(sum(len(t) for t in chosen), device)
+        if fixed is not None:
+            return count.clamp(min=1) * fixed.normaliser_multiplier
+        return (count * group.supervision.target_repeat).clamp(min=1)
 
     def match(self, output: DetectorOutput, targets: list[Target]) -> dict[tuple[str, int], list]:
         """(group name, layer) -> per-image matches.
 
         The supervised layers of a group are costed as one batch of L x B images, repeated
         targets are costed once, and every group's costs reach the host in a single transfer.
+        Fixed assignments are used as handed over, for every layer.
         """
-        spans, requests = [], []
+        spans, requests, matches = [], [], {}
         for group in output.groups:
-            group_targets = self.unrepeated_targets(group, targets)
             layers = self.supervised_layers(group)
+            fixed = group.supervision.fixed
+            if fixed is not None:
+                matches |= {(group.name, layer): list(fixed.pairs) for layer in layers}
+                continue
+            group_targets = self.unrepeated_targets(group, targets)
             chosen = slice(layers.start, layers.stop)
             spans.append((group.name, layers, len(group_targets)))
             requests.append(
@@ -133,39 +171,60 @@ class SetCriterion(nn.Module):
                     group.logits[chosen].flatten(0, 1),
                     self.match_boxes(group)[chosen].flatten(0, 1),
                     list(group_targets) * len(layers),
-                    target_repeat=group.target_repeat,
+                    target_repeat=group.supervision.target_repeat,
                 )
             )
-        matches = {}
         for (name, layers, batch), result in zip(spans, assign_all(requests)):
             for index, layer in enumerate(layers):
                 matches[(name, layer)] = result[index * batch : (index + 1) * batch]
-        for name, other in self.merged_matches.items():
-            for (group, layer), own in list(matches.items()):
-                if group == name and (other, layer) in matches:
-                    matches[(name, layer)] = merge_matches(own, matches[(other, layer)])
+        self._merge(output, matches)
         return matches
 
+    def _merge(self, output: DetectorOutput, matches: dict[tuple[str, int], list]) -> None:
+        names = {group.name for group in output.groups}
+        for group in output.groups:
+            other = group.supervision.merge_with
+            if other is None:
+                continue
+            if other not in names:
+                raise KeyError(f"group '{group.name}' merges with unknown group '{other}'")
+            for layer in self.supervised_layers(group):
+                if (other, layer) in matches:
+                    own = matches[(group.name, layer)]
+                    matches[(group.name, layer)] = merge_matches(own, matches[(other, layer)])
+
     def forward(self, output: DetectorOutput, targets: list[Target]) -> LossOutput:
-        """Losses of every group and layer, computed in fp32."""
+        """Losses of every group and layer, then the dense losses, computed in fp32."""
         device = output.groups[0].logits.device
         matches = self.match(output, targets)
         terms, weights = {}, {}
         for group in output.groups:
             group_targets = self.group_targets(group, targets)
-            # H-DETR normalises the one-to-many group by its repeated target count
-            # (docs/methods.md#implementation-notes).
-            num_boxes = self.num_boxes(group_targets, device)
+            num_boxes = self.num_boxes(group, targets, device)
+            term_weights, scale = self.weights_of(group), group.supervision.scale
             for layer in self.supervised_layers(group):
                 logits, boxes = group.logits[layer].float(), group.boxes[layer].float()
                 for term_name, term in self.terms.items():
                     name = loss_name(group.name, term_name, layer)
-                    terms[name] = term(
-                        logits, boxes, group_targets, matches[(group.name, layer)], num_boxes
+                    value = term(
+                        logits,
+                        boxes,
+                        group_targets,
+                        matches[(group.name, layer)],
+                        num_boxes,
+                        valid=group.valid,
                     )
-                    term_weights = self.group_term_weights.get(group.name, self.term_weights)
-                    weights[name] = group.loss_weight * term_weights[term_name]
-        for name, value in output.extra_losses.items():
-            terms[name], weights[name] = value.float(), 1.0
+                    terms[name] = value * scale if scale != 1.0 else value
+                    weights[name] = term_weights[term_name]
+        for dense in output.dense_losses:
+            terms[dense.name], weights[dense.name] = self.dense_value(dense, targets), dense.weight
         total = sum(weights[name] * value for name, value in terms.items())
         return LossOutput(total=total, terms=terms, weights=weights)
+
+    def dense_value(self, dense: DenseLoss, targets: list[Target]) -> Tensor:
+        """``dense.compute`` in fp32 with autocast off, divided by its rank-averaged count."""
+        device = dense.inputs[0].device if dense.inputs else torch.device("cpu")
+        count = dense.count if dense.count is not None else sum(len(t) for t in targets)
+        with torch.autocast(device.type, enabled=False):
+            value = dense.compute(*(t.float() for t in dense.inputs))
+        return value / self.reduced_count(count, device).clamp(min=1)

@@ -2,7 +2,8 @@
 """Loss terms over matched (query, target) pairs (docs/methods.md#losses).
 
 Every term has the signature ``(logits [B, Q, C], boxes [B, Q, 4] cxcywh, targets, matches,
-num_boxes) -> scalar``; ``matches`` holds, per image, (query indices, target indices).
+num_boxes, valid=None) -> scalar``; ``matches`` holds, per image, (query indices, target
+indices); ``valid`` [B, Q] bool marks padding queries (False), which take no loss.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from detrkit.ops.boxes import box_cxcywh_to_xyxy, paired_generalized_box_iou
 from detrkit.structures import Target
 
 Match = tuple[Tensor, Tensor]
+# Cross-entropy's ignore_index: padding queries take no loss.
+IGNORED = -100
 
 
 def matched_pairs(
@@ -56,9 +59,13 @@ class SoftmaxCrossEntropyTerm(nn.Module):
         self.register_buffer("class_weight", weight, persistent=False)
         self.num_classes = num_classes
 
-    def forward(self, logits, boxes, targets, matches, num_boxes) -> Tensor:
+    def forward(self, logits, boxes, targets, matches, num_boxes, valid=None) -> Tensor:
         labels = class_targets(logits, targets, matches, fill=self.num_classes)
-        return F.cross_entropy(logits.transpose(1, 2), labels, self.class_weight)
+        if valid is not None:
+            labels = labels.masked_fill(~valid, IGNORED)
+        return F.cross_entropy(
+            logits.transpose(1, 2), labels, self.class_weight, ignore_index=IGNORED
+        )
 
 
 class SigmoidFocalTerm(nn.Module):
@@ -68,18 +75,22 @@ class SigmoidFocalTerm(nn.Module):
         super().__init__()
         self.alpha, self.gamma = alpha, gamma
 
-    def forward(self, logits, boxes, targets, matches, num_boxes) -> Tensor:
+    def forward(self, logits, boxes, targets, matches, num_boxes, valid=None) -> Tensor:
         num_classes = logits.shape[-1]
         labels = class_targets(logits, targets, matches, fill=num_classes)
         one_hot = F.one_hot(labels, num_classes + 1)[..., :-1].to(logits.dtype)
-        loss = sigmoid_focal_loss(logits, one_hot, self.alpha, self.gamma, reduction="sum")
+        if valid is None:
+            loss = sigmoid_focal_loss(logits, one_hot, self.alpha, self.gamma, reduction="sum")
+        else:
+            loss = sigmoid_focal_loss(logits, one_hot, self.alpha, self.gamma, reduction="none")
+            loss = (loss * valid[..., None]).sum()
         return loss / num_boxes
 
 
 class L1Term(nn.Module):
     """Sum of |predicted - target| over matched cxcywh boxes, divided by num_boxes."""
 
-    def forward(self, logits, boxes, targets, matches, num_boxes) -> Tensor:
+    def forward(self, logits, boxes, targets, matches, num_boxes, valid=None) -> Tensor:
         predicted, wanted = matched_pairs(boxes, targets, matches)
         return F.l1_loss(predicted, wanted, reduction="sum") / num_boxes
 
@@ -87,7 +98,7 @@ class L1Term(nn.Module):
 class GIoUTerm(nn.Module):
     """Sum of (1 - GIoU) over matched boxes, divided by num_boxes."""
 
-    def forward(self, logits, boxes, targets, matches, num_boxes) -> Tensor:
+    def forward(self, logits, boxes, targets, matches, num_boxes, valid=None) -> Tensor:
         predicted, wanted = matched_pairs(boxes, targets, matches)
         giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(predicted), box_cxcywh_to_xyxy(wanted))
         return (1 - giou).sum() / num_boxes

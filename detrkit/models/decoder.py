@@ -99,6 +99,9 @@ class Decoder(nn.Module):
         refiner: reference update between layers (needs the head's box predictors at forward).
         checkpointing: recompute each layer's activations in the backward pass (training only;
             the refiner and output norm run outside the checkpointed region).
+        query_pos_head: recomputes every query's position from its current reference box
+            before each layer (``(reference, valid_ratios) -> [B, Q, D]``, DINO's
+            ``ref_point_head``); None = the queries' constant ``pos``.
     """
 
     def __init__(
@@ -107,12 +110,14 @@ class Decoder(nn.Module):
         output_norm: nn.Module | None = None,
         refiner: BoxRefiner | None = None,
         checkpointing: bool = False,
+        query_pos_head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.output_norm = output_norm
         self.refiner = refiner or BoxRefiner()
         self.checkpointing = checkpointing
+        self.query_pos_head = query_pos_head
 
     def forward(
         self, queries: QuerySet, memory: EncoderMemory, head: DetectionHead | None = None
@@ -136,8 +141,11 @@ class Decoder(nn.Module):
         references = [] if reference is None else [reference]
         checkpointing = self.checkpointing and self.training
         for index, layer in enumerate(self.layers):
+            pos = queries.pos
+            if self.query_pos_head is not None:
+                pos = self.query_pos_head(reference, memory.valid_ratios)
             query, taps = run_layer(
-                layer, checkpointing, query, queries.pos, reference, memory, queries.self_attn_mask
+                layer, checkpointing, query, pos, reference, memory, queries.self_attn_mask
             )
             hidden.append(query if self.output_norm is None else self.output_norm(query))
             for name, value in taps.items():

@@ -60,14 +60,16 @@ class QueryDetector(nn.Module):
         levels = self.neck(self.backbone(images.pixels), images.padding_mask)
         memory = replace(self.encoder(levels), image_sizes=images.sizes)
         schemes = list(self.schemes.values()) if self.training else []
-        num_extra = sum(s.extra_queries for s in schemes)
-        queries, groups = self.queries(memory, self.num_queries, num_extra)
-        extra_losses, passes = {}, []
+        queries, groups = self.queries(memory, self.num_queries, self.num_reserved(schemes))
+        dense_losses, passes = [], []
+        slot = self.num_queries
         for scheme in schemes:
-            queries = scheme.extend_queries(queries, memory, targets)
+            slots = range(slot, slot + scheme.extra_queries)
+            slot = slots.stop
+            queries = scheme.extend_queries(queries, memory, targets, slots)
             auxiliary = scheme.auxiliary(memory, targets)
-            extra_losses |= auxiliary.losses
-            passes += auxiliary.query_sets
+            dense_losses += auxiliary.dense_losses
+            passes += auxiliary.passes
         decoded = self.decoder(queries, memory, self.head)
         groups = self.head.predict_groups(decoded, queries) + groups
         for scheme in schemes:
@@ -75,4 +77,9 @@ class QueryDetector(nn.Module):
         for query_set in passes:
             decoded_pass = self.decoder(query_set, memory, self.head)
             groups += self.head.predict_groups(decoded_pass, query_set)
-        return DetectorOutput(groups, extra_losses)
+        return DetectorOutput(groups, dense_losses)
+
+    @staticmethod
+    def num_reserved(schemes: list[nn.Module]) -> int:
+        """Query-table rows the schemes take after the inference queries."""
+        return sum(scheme.extra_queries for scheme in schemes)

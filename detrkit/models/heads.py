@@ -90,10 +90,9 @@ class DetectionHead(nn.Module):
                 name=group.name,
                 logits=logits[:, :, group.start : group.stop],
                 boxes=boxes[:, :, group.start : group.stop],
-                assigner=group.assigner,
-                loss_weight=group.loss_weight,
+                supervision=group.supervision,
                 at_inference=group.at_inference,
-                target_repeat=group.target_repeat,
+                valid=group.valid,
             )
             for group in queries.groups
         ]

@@ -31,7 +31,7 @@ class LearnedQueries(nn.Module):
         total = _check_slots(num_queries + num_extra, self.query_embed.num_embeddings)
         pos = self.query_embed.weight[:total][None].expand(batch, -1, -1)
         content = pos.new_zeros(pos.shape)
-        main = QueryGroup(MAIN_GROUP, 0, num_queries, assigner="hungarian", at_inference=True)
+        main = QueryGroup(MAIN_GROUP, 0, num_queries, at_inference=True)
         return QuerySet(content=content, pos=pos, reference=None, groups=(main,)), []
 
 
@@ -63,7 +63,7 @@ class LearnedQueriesWithReference(nn.Module):
         batch = memory.tokens.shape[0]
         pos, content = self.query_embed.weight[:total].split(self.reference_points.in_features, 1)
         pos, content = pos[None].expand(batch, -1, -1), content[None].expand(batch, -1, -1)
-        main = QueryGroup(MAIN_GROUP, 0, num_queries, assigner="hungarian", at_inference=True)
+        main = QueryGroup(MAIN_GROUP, 0, num_queries, at_inference=True)
         reference = self.reference_points(pos).float().sigmoid()
         return QuerySet(content=content, pos=pos, reference=reference, groups=(main,)), []
 

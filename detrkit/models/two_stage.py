@@ -11,7 +11,13 @@ from torch import Tensor, nn
 from detrkit.layers.ffn import MLP
 from detrkit.models.heads import PRIOR_PROB
 from detrkit.models.queries import MAIN_GROUP
-from detrkit.structures import EncoderMemory, PredictionGroup, QueryGroup, QuerySet
+from detrkit.structures import (
+    EncoderMemory,
+    PredictionGroup,
+    QueryGroup,
+    QuerySet,
+    Supervision,
+)
 
 # Proposal sizes are 0.05 * 2^level of the valid image
 # (docs/methods.md#deformable-detr-architecture).
@@ -73,12 +79,20 @@ class TwoStageQuerySelector(nn.Module):
         num_logits: class logits of the proposal head (only logit 0, "foreground", ranks).
         mixed_selection: learned content queries with proposal positions (H-DETR, DINO).
         num_embeddings: rows of the learned content table (mixed selection only).
+        supervision: how the "enc" proposal group is trained (class-agnostic Hungarian).
     """
 
     def __init__(
-        self, dim: int, num_logits: int, *, mixed_selection: bool = False, num_embeddings: int = 0
+        self,
+        dim: int,
+        num_logits: int,
+        *,
+        mixed_selection: bool = False,
+        num_embeddings: int = 0,
+        supervision: Supervision | None = None,
     ) -> None:
         super().__init__()
+        self.supervision = supervision or Supervision(class_agnostic=True)
         self.enc_output = nn.Linear(dim, dim)
         self.enc_output_norm = nn.LayerNorm(dim)
         self.pos_trans = nn.Linear(2 * dim, 2 * dim)
@@ -126,7 +140,7 @@ class TwoStageQuerySelector(nn.Module):
             ENCODER_GROUP,
             logits[None],
             coords_logit.sigmoid()[None],
-            class_agnostic=True,
+            supervision=self.supervision,
             anchors=proposal_logits.sigmoid()[None],
         )
         return queries, [encoder_group]

@@ -44,7 +44,9 @@ SETTINGS = [
 HANG_TIMEOUT_S = 300
 
 
-def _train(data: Path, out: Path, processes: int, batch_size: int) -> None:
+def _train(
+    data: Path, out: Path, processes: int, batch_size: int, extra: tuple[str, ...] = ()
+) -> None:
     launcher = [sys.executable, "-m", "detrkit"]
     if processes > 1:
         launcher = [
@@ -70,6 +72,7 @@ def _train(data: Path, out: Path, processes: int, batch_size: int) -> None:
         "--set",
         *SETTINGS,
         f"data.batch_size={batch_size}",
+        *extra,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(argv, capture_output=True, text=True, timeout=HANG_TIMEOUT_S, env=env)
@@ -105,13 +108,25 @@ def test_two_processes_match_one_process_with_the_same_global_batch(uniform_coco
         assert {r["image_id"] for r in results} == set(range(1, 6))
 
 
-def test_a_rank_without_boxes_does_not_hang(tmp_path):
-    """Rank 1's only image has no objects: every collective must still run on both ranks."""
+DENOISING = (
+    "model.queries.kind=two_stage",
+    "model.box_refine=iterative",
+    "model.schemes.denoising.dn_number=10",
+)
+
+
+@pytest.mark.parametrize("scheme", [(), DENOISING], ids=["plain", "denoising"])
+def test_a_rank_without_boxes_does_not_hang(tmp_path, scheme):
+    """Rank 1's only image has no objects: every collective must still run on both ranks, and
+    with denoising (whose queries come from the boxes) every parameter is still used."""
     root = write_synthetic_coco(tmp_path / "data", 2, 2, seed=0, min_size=SIZE, max_size=SIZE)
     annotations = root / "annotations" / "instances_train.json"
     coco = json.loads(annotations.read_text())
     coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != 2]
     assert coco["annotations"], "image 1 must keep its objects"
     annotations.write_text(json.dumps(coco))
-    _train(root, tmp_path / "run", processes=2, batch_size=1)
+    _train(root, tmp_path / "run", processes=2, batch_size=1, extra=scheme)
     assert sorted(_losses(tmp_path / "run")) == [1]  # 2 images / 2 ranks = one step per epoch
+    records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    reports_dn = any(name.startswith("dn/") for name in records[0])
+    assert reports_dn == bool(scheme)

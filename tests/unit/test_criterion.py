@@ -2,7 +2,7 @@
 import torch
 
 from detrkit.config.build import build_criterion
-from detrkit.structures import DetectorOutput, PredictionGroup, Target
+from detrkit.structures import DetectorOutput, PredictionGroup, Supervision, Target
 from tests.conftest import tiny_model_config
 
 
@@ -38,14 +38,17 @@ def test_loss_names_and_weights_per_group_and_layer():
     criterion = build_criterion(cfg)
     targets = _targets()
     main = _perfect_group(targets)
-    extra = PredictionGroup("o2m", main.logits.clone(), main.boxes.clone(), loss_weight=0.5)
+    halved = {"cls": 1.0, "l1": 2.5, "giou": 1.0}
+    extra = PredictionGroup(
+        "o2m", main.logits.clone(), main.boxes.clone(), supervision=Supervision(term_weights=halved)
+    )
     losses = criterion(DetectorOutput([main, extra]), targets)
     expected = {
         f"{g}/{t}/d{l}" for g in ("main", "o2m") for t in ("cls", "l1", "giou") for l in (0, 1)
     }
     assert set(losses.terms) == expected
     assert losses.weights["main/l1/d1"] == cfg.loss.bbox_weight
-    assert losses.weights["o2m/giou/d0"] == 0.5 * cfg.loss.giou_weight
+    assert losses.weights["o2m/giou/d0"] == 1.0 and losses.weights["o2m/l1/d0"] == 2.5
     total = sum(losses.weights[k] * v for k, v in losses.terms.items())
     torch.testing.assert_close(losses.total, total)
 
@@ -112,26 +115,22 @@ def test_merged_one_to_one_pairs_join_the_one_to_many_pairs():
     gain that layer's Hungarian pairs, once, written last."""
     from dataclasses import replace
 
-    from detrkit.config.schema import MixedConfig, SchemesConfig
+    from detrkit.matching.one_to_many import TopKQualityAssigner
+    from detrkit.structures import Supervision
 
     base = tiny_model_config()
+    cfg = replace(base, loss=replace(base.loss, class_loss="sigmoid_focal"))
     # o2m: exactly the rescued queries, no random subsampling
-    mixed = MixedConfig(threshold=2.0, positive_fraction=1.0, merge_one_to_one=True)
-    cfg = replace(
-        base,
-        loss=replace(base.loss, class_loss="sigmoid_focal"),
-        schemes=SchemesConfig(mixed=mixed),
-    )
+    assigner = TopKQualityAssigner(threshold=2.0, positive_fraction=1.0)
     targets = _targets()
     main = _perfect_group(targets, num_logits=5)
     # the same predictions in reverse query order: the o2m pairs differ from the main ones
-    o2m = PredictionGroup(
-        "ms_o2m", main.logits.flip(2), main.boxes.flip(2), assigner="topk_quality"
-    )
-    output = DetectorOutput([main, o2m])
-    merged = build_criterion(cfg).match(output, targets)
-    unmerged = SchemesConfig(mixed=replace(mixed, merge_one_to_one=False))
-    plain = build_criterion(replace(cfg, schemes=unmerged)).match(output, targets)
+    flipped = (main.logits.flip(2), main.boxes.flip(2))
+    merging = Supervision(assigner, merge_with="main")
+    o2m = PredictionGroup("ms_o2m", *flipped, supervision=merging)
+    merged = build_criterion(cfg).match(DetectorOutput([main, o2m]), targets)
+    alone = PredictionGroup("ms_o2m", *flipped, supervision=Supervision(assigner))
+    plain = build_criterion(cfg).match(DetectorOutput([main, alone]), targets)
     for layer in (0, 1):
         for image in range(2):
             pairs = list(zip(*[t.tolist() for t in merged[("ms_o2m", layer)][image]]))

@@ -4,12 +4,15 @@ composable, and refused with a clear message where the model lacks what they nee
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from detrkit.config.build import build_criterion, build_model
 from detrkit.config.load import load_config
 from detrkit.errors import UserError
+from detrkit.matching.one_to_many import TopKQualityAssigner
 from detrkit.schemes.hybrid import isolate
 from detrkit.structures import ImageBatch, Target
 
@@ -89,12 +92,14 @@ def test_training_adds_exactly_the_one_to_many_group(base):
     model = build_model(load_config(base, TINY + HYBRID).model, 3).train()
     output = model(_images(), _targets())
     o2m = output.group("o2m")
-    assert o2m.logits.shape[:3] == (2, 2, 9) and o2m.target_repeat == 3
-    assert o2m.loss_weight == 0.5 and not o2m.at_inference
+    assert o2m.logits.shape[:3] == (2, 2, 9) and o2m.supervision.target_repeat == 3
+    assert o2m.supervision.scale == 0.5 and not o2m.at_inference
     names = [g.name for g in output.groups]
     assert names.count("o2m") == 1 and output.for_inference().name == "main"
     losses = build_criterion(load_config(base, TINY + HYBRID).model, 3)(output, _targets())
-    assert losses.weights["o2m/l1/d1"] == 0.5 * losses.weights["main/l1/d1"]
+    # As the original's loss dict: lambda is folded into the reported terms, the weights are the
+    # one-to-one ones.
+    assert losses.weights["o2m/l1/d1"] == losses.weights["main/l1/d1"]
 
 
 def test_one_to_many_queries_do_not_change_main_outputs():
@@ -125,8 +130,11 @@ def test_repeated_targets_normalise_the_one_to_many_group():
     criterion = build_criterion(cfg, 3)
     seen = []
     criterion.reduce_num_boxes = lambda n: (seen.append(n.item()), n)[1]
-    criterion(build_model(cfg, 3).train()(_images(), _targets()), _targets())
-    assert 3.0 in seen and 9.0 in seen
+    output = build_model(cfg, 3).train()(_images(), _targets())
+    cpu = torch.device("cpu")
+    assert criterion.num_boxes(output.group("main"), _targets(), cpu).item() == 3.0
+    assert criterion.num_boxes(output.group("o2m"), _targets(), cpu).item() == 9.0
+    assert seen and set(seen) == {3.0}  # the reducer sees the real box count
 
 
 def _trained(base: str, overrides: list[str]):
@@ -149,14 +157,15 @@ def _trained(base: str, overrides: list[str]):
 def test_mixed_supervision_predicts_the_primary_queries_again(base, overrides):
     cfg, model, output = _trained(base, overrides)
     main, o2m = output.group("main"), output.group("ms_o2m")
-    assert o2m.logits.shape == main.logits.shape and o2m.assigner == "topk_quality"
-    assert not o2m.at_inference and o2m.target_repeat == 1
-    if cfg.schemes.mixed.predict_from == "layer_output":  # impl (a): same states and boxes
+    assert o2m.logits.shape == main.logits.shape
+    assert isinstance(o2m.supervision.assigner, TopKQualityAssigner)
+    assert not o2m.at_inference and o2m.supervision.target_repeat == 1
+    if cfg.schemes["mixed"].predict_from == "layer_output":  # impl (a): same states and boxes
         torch.testing.assert_close(o2m.boxes, main.boxes, atol=0, rtol=0)
     losses = build_criterion(cfg, 3)(output, _targets())
     assert torch.isfinite(losses.total)
-    assert losses.weights["ms_o2m/cls/d0"] == cfg.schemes.mixed.class_weight
-    assert losses.weights["ms_o2m/l1/d1"] == cfg.schemes.mixed.bbox_weight
+    assert losses.weights["ms_o2m/cls/d0"] == cfg.schemes["mixed"].class_weight
+    assert losses.weights["ms_o2m/l1/d1"] == cfg.schemes["mixed"].bbox_weight
     losses.total.backward()
     heads = model.schemes["mixed"].class_heads
     if heads is not None:  # the copied class heads are trained by the o2m losses
@@ -182,8 +191,8 @@ def test_hybrid_and_mixed_compose():
     assert output.group("o2m").logits.shape[2] == 9
     assert output.group("ms_o2m").logits.shape[2] == 6
     losses = build_criterion(cfg, 3)(output, _targets())
-    assert losses.weights["o2m/cls/d1"] == 0.5 * cfg.loss.class_weight
-    assert losses.weights["ms_o2m/cls/d1"] == cfg.schemes.mixed.class_weight
+    assert losses.weights["o2m/cls/d1"] == cfg.loss.class_weight
+    assert losses.weights["ms_o2m/cls/d1"] == cfg.schemes["mixed"].class_weight
     assert "enc/cls/d0" in losses.terms
     with torch.no_grad():
         table = model.queries.query_embed.weight
@@ -203,3 +212,31 @@ def test_mixed_needs_cross_attention_first():
 def test_nms_needs_sigmoid_heads():
     with pytest.raises(UserError, match="nms_iou_threshold"):
         build_model(load_config("detr_r50", TINY + ["model.nms_iou_threshold=0.7"]).model, 3)
+
+
+def test_hybrid_lambda_is_folded_into_the_reported_terms_as_the_original_does():
+    """H-DETR's loss dict holds ``lambda_one2many`` x each one-to-many term, weighted by the
+    one-to-one weights; with lambda != 1 both the reported terms and the total must match."""
+    base = ["model.schemes.hybrid.num_queries=9", "model.schemes.hybrid.repeat_k=3"]
+    plain = load_config("deformable_detr_r50_refine", TINY + base).model
+    scaled = load_config(
+        "deformable_detr_r50_refine", TINY + base + ["model.schemes.hybrid.loss_weight=0.25"]
+    ).model
+    model = build_model(plain, 3).train()
+    output = model(_images(), _targets())
+    one, quarter = build_criterion(plain, 3), build_criterion(scaled, 3)
+    # the same predictions, supervised with lambda 0.25
+    scaled_groups = [
+        replace(g, supervision=replace(g.supervision, scale=0.25)) if g.name == "o2m" else g
+        for g in output.groups
+    ]
+    terms_one = one(output, _targets())
+    terms_quarter = quarter(replace(output, groups=scaled_groups), _targets())
+    for name, value in terms_one.terms.items():
+        expected = value * 0.25 if name.startswith("o2m/") else value
+        torch.testing.assert_close(terms_quarter.terms[name], expected)
+        assert terms_quarter.weights[name] == terms_one.weights[name]
+    official_total = sum(terms_quarter.weights[k] * v for k, v in terms_quarter.terms.items())
+    torch.testing.assert_close(terms_quarter.total, official_total)
+    built = build_model(scaled, 3).schemes["hybrid"]
+    assert built.supervision.scale == 0.25 and built.supervision.target_repeat == 3

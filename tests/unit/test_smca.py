@@ -15,7 +15,8 @@ import torch
 from detrkit.cli.__main__ import main
 from detrkit.config.build import build_criterion, build_model, build_postprocess
 from detrkit.config.load import load_config
-from detrkit.config.schema import HybridConfig, MixedConfig, SchemesConfig, SmcaConfig
+from detrkit.config.schema import SmcaConfig
+from detrkit.config.scheme_settings import SchemeSettings
 from detrkit.convert.sources import SOURCES
 from detrkit.errors import UserError
 from detrkit.inference import load_model
@@ -27,6 +28,8 @@ from detrkit.layers.smca import (
     token_grid,
 )
 from detrkit.models.encoder import valid_ratio
+from detrkit.schemes.hybrid import HybridConfig
+from detrkit.schemes.mixed import MixedConfig
 from detrkit.structures import EncoderMemory, ImageBatch, Target
 from tests.golden.golden_case import SHIPPED_DIR, GoldenCase, published_config
 
@@ -240,9 +243,9 @@ def _step(cfg) -> dict:
 def test_schemes_compose_with_smca(scheme):
     cfg = load_config("smca_r50", TINY).model
     schemes = {
-        "hybrid": SchemesConfig(hybrid=HybridConfig(num_queries=16, repeat_k=2)),
-        "mixed_layer_output": SchemesConfig(mixed=MixedConfig(predict_from="layer_output")),
-        "mixed_cross_attn": SchemesConfig(mixed=MixedConfig()),
+        "hybrid": SchemeSettings({"hybrid": HybridConfig(num_queries=16, repeat_k=2)}),
+        "mixed_layer_output": SchemeSettings({"mixed": MixedConfig(predict_from="layer_output")}),
+        "mixed_cross_attn": SchemeSettings({"mixed": MixedConfig()}),
     }[scheme]
     cfg = replace(cfg, schemes=schemes, top_k=8)
     if scheme == "mixed_cross_attn":
