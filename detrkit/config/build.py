@@ -23,6 +23,7 @@ from detrkit.layers.ffn import FFN
 from detrkit.layers.position import LearnedPositionEmbedding, SinePositionEmbedding
 from detrkit.layers.smca import GaussianCrossAttention
 from detrkit.losses.criterion import SetCriterion
+from detrkit.losses.quality_focal import QualityFocalTerm
 from detrkit.losses.terms import GIoUTerm, L1Term, SigmoidFocalTerm, SoftmaxCrossEntropyTerm
 from detrkit.matching.costs import FocalClassCost, SoftmaxClassCost
 from detrkit.matching.hungarian import HungarianAssigner
@@ -30,11 +31,13 @@ from detrkit.models.backbones import BackboneSpec, build_backbone
 from detrkit.models.decoder import Decoder, DecoderLayer
 from detrkit.models.deformable_encoder import DeformableEncoder, DeformableEncoderLayer
 from detrkit.models.detector import QueryDetector
+from detrkit.models.dino_queries import DinoQuerySelector
 from detrkit.models.encoder import DetrEncoder, EncoderLayer
 from detrkit.models.heads import DetectionHead
 from detrkit.models.neck import ChannelMapper
-from detrkit.models.postprocess import SoftmaxPostprocess, TopKSigmoidPostprocess
+from detrkit.models.postprocess import SoftmaxPostprocess, SoftNms, TopKSigmoidPostprocess
 from detrkit.models.queries import LearnedQueries, LearnedQueriesWithReference
+from detrkit.models.reference_position import ReferencePositionHead
 from detrkit.models.refine import BoxRefiner
 from detrkit.models.smca_encoder import SmcaConvEncoder, SmcaConvEncoderLayer
 from detrkit.models.two_stage import TwoStageQuerySelector
@@ -69,8 +72,12 @@ def backbone_spec(cfg: BackboneConfig) -> BackboneSpec:
 
 
 def backbone_stages(cfg: ModelConfig) -> tuple[str, ...]:
-    """Backbone stages feeding the neck: C5 alone, or up to C3-C5 (extra levels come after)."""
-    return ("c3", "c4", "c5")[-min(cfg.num_feature_levels, 3) :]
+    """Backbone stages feeding the neck, ending at C5: C5 alone, up to C3-C5, or
+    ``model.num_backbone_stages`` of them (4 = C2-C5); extra levels come after."""
+    count = cfg.num_backbone_stages
+    if count is None:
+        count = min(cfg.num_feature_levels, 3)
+    return ("c2", "c3", "c4", "c5")[-count:]
 
 
 def neck_strides(cfg: ModelConfig, backbone_strides: Mapping[str, int]) -> tuple[int, ...]:
@@ -183,13 +190,18 @@ def build_decoder(
         )
         for index in range(dec.num_layers)
     ]
-    # DETR (and SMCA) normalise every layer's output before its heads; Deformable DETR does not.
-    output_norm = nn.LayerNorm(dim) if dec.attention in ("global", "smca") else None
+    # DETR (and SMCA) normalise every layer's output before its heads; Deformable DETR does
+    # not; DINO does.
+    use_norm = dec.output_norm
+    if use_norm is None:
+        use_norm = dec.attention in ("global", "smca")
+    from_reference = dec.query_pos == "from_reference"
     return Decoder(
         layers,
-        output_norm=output_norm,
-        refiner=BoxRefiner(cfg.box_refine),
+        output_norm=nn.LayerNorm(dim) if use_norm else None,
+        refiner=BoxRefiner(cfg.box_refine, cfg.inverse_sigmoid_eps),
         checkpointing=dec.checkpointing,
+        query_pos_head=ReferencePositionHead(dim) if from_reference else None,
     )
 
 
@@ -204,19 +216,32 @@ def build_queries(cfg: ModelConfig, num_logits_: int, num_extra: int = 0) -> nn.
             num_embeddings=rows,
             supervision=encoder_supervision(cfg),
         )
+    if kind == "dino":
+        # DINO's proposals are trained class-aware, on the selected ones only.
+        supervision = replace(encoder_supervision(cfg), class_agnostic=False)
+        return DinoQuerySelector(cfg.hidden_dim, num_logits_, rows, supervision=supervision)
     if kind == "learned_with_reference":
         return LearnedQueriesWithReference(rows, cfg.hidden_dim)
     return LearnedQueries(rows, cfg.hidden_dim)
 
 
 def build_head(cfg: ModelConfig, num_logits_: int) -> DetectionHead:
+    """Class and box predictors: one pair per decoder layer with box refinement, one shared
+    pair without (or as ``model.shared_heads`` says)."""
+    shared = cfg.box_refine == "none" if cfg.shared_heads is None else cfg.shared_heads
     head = DetectionHead(
-        cfg.hidden_dim, num_logits_, cfg.decoder.num_layers, shared=cfg.box_refine == "none"
+        cfg.hidden_dim,
+        num_logits_,
+        cfg.decoder.num_layers,
+        shared=shared,
+        inverse_sigmoid_eps=cfg.inverse_sigmoid_eps,
     )
-    if cfg.loss.class_loss == "sigmoid_focal" and cfg.decoder.attention == "smca":
+    sigmoid = cfg.loss.class_loss != "softmax_ce"
+    if sigmoid and cfg.decoder.attention == "smca":
         head.init_class_prior()  # SMCA keeps DETR's box head initialisation
-    elif cfg.loss.class_loss == "sigmoid_focal":
-        head.init_for_sigmoid(first_wh_bias=0.0 if cfg.queries.kind == "two_stage" else -2.0)
+    elif sigmoid:
+        proposals = cfg.queries.kind in ("two_stage", "dino")
+        head.init_for_sigmoid(first_wh_bias=0.0 if proposals else -2.0)
     return head
 
 
@@ -303,7 +328,11 @@ def build_criterion(
         class_cost, class_term = SoftmaxClassCost(), SoftmaxCrossEntropyTerm(classes, loss.eos_coef)
     else:
         class_cost = FocalClassCost(loss.focal_alpha, loss.focal_gamma)
-        class_term = SigmoidFocalTerm(loss.focal_alpha, loss.focal_gamma)
+        class_term = (
+            QualityFocalTerm(loss.quality_beta)
+            if loss.class_loss == "quality_focal"
+            else SigmoidFocalTerm(loss.focal_alpha, loss.focal_gamma)
+        )
     matcher = cfg.matcher
     costs = dict(cost_bbox=matcher.cost_bbox, cost_giou=matcher.cost_giou)
     assigners = {
@@ -329,8 +358,25 @@ def build_tta(cfg: ExperimentConfig) -> InferenceConfig:
 
 
 def build_postprocess(cfg: ModelConfig, ignored_labels: Sequence[int] = ()) -> nn.Module:
-    """Softmax heads keep every query (DETR); sigmoid heads take the top-k (query, class) pairs.
-    ``ignored_labels`` (``LabelMap.ignored_labels``) never produce a detection."""
+    """Softmax heads keep every query (DETR); sigmoid heads take the top-k (query, class) pairs,
+    after NMS or soft-NMS when configured. ``ignored_labels`` (``LabelMap.ignored_labels``)
+    never produce a detection."""
     if cfg.loss.class_loss == "softmax_ce":
         return SoftmaxPostprocess(ignored_labels)
-    return TopKSigmoidPostprocess(cfg.top_k or 100, cfg.nms_iou_threshold, ignored_labels)
+    soft = cfg.soft_nms
+    soft_nms = None
+    if soft is not None:
+        soft_nms = SoftNms(
+            candidates=cfg.num_queries if soft.candidates is None else soft.candidates,
+            iou_threshold=soft.iou_threshold,
+            sigma=soft.sigma,
+            min_score=soft.min_score,
+            method=soft.method,
+        )
+    return TopKSigmoidPostprocess(
+        cfg.top_k or 100,
+        cfg.nms_iou_threshold,
+        ignored_labels,
+        soft_nms=soft_nms,
+        clip=cfg.clip_boxes,
+    )

@@ -278,8 +278,8 @@ def load_config(name_or_path: str | None, overrides: Sequence[str] = ()) -> Expe
         name_or_path: a preset name (``detr_r50``, see :func:`list_presets`), a path to a YAML
             file, or None for the schema defaults.
         overrides: ``"a.b.c=value"`` strings; values are parsed as YAML (``true``, ``0.1``,
-            ``[1, 2]``, ``null``; ``{}`` turns an optional section such as
-            ``model.schemes.mixed`` on with its defaults).
+            ``[1, 2]``, ``null``; ``{}`` turns an optional section, e.g. a training scheme
+            under ``model.schemes``, on with its defaults).
 
     Raises:
         UserError: unknown preset, missing file, bad YAML, unknown key, wrong type, base cycle.

@@ -82,6 +82,14 @@ class TransformerConfig:
             ``cross_attn`` first).
         checkpointing: recompute each layer's activations in the backward pass (gradient
             checkpointing; H-DETR's ``--use_checkpoint``).
+        query_pos: decoder only: where each layer's query positions come from: "constant" =
+            the positions the query initialiser gives; "from_reference" = recomputed
+            before every layer from the query's current reference box (sine embedding
+            through a 2-layer MLP: DINO's ``ref_point_head``; needs 4-d reference boxes).
+        output_norm: decoder only: a shared LayerNorm on every layer's output before the
+            heads (the next layer still reads the un-normalised output); None = on for
+            global and SMCA attention (DETR), off for ms_deform (Deformable DETR); DINO
+            turns it on.
     """
 
     num_layers: int = 6
@@ -93,6 +101,8 @@ class TransformerConfig:
     num_points: int = 4
     order: tuple[str, ...] = ("self_attn", "cross_attn", "ffn")
     checkpointing: bool = False
+    query_pos: Literal["constant", "from_reference"] = "constant"
+    output_norm: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -102,12 +112,15 @@ class QueryConfig:
     Attributes:
         kind: "learned" = learned positions, zero content (DETR); "learned_with_reference" =
             learned position + content, reference points predicted from the position (Deformable
-            DETR); "two_stage" = the top-scoring encoder proposals (``--two_stage``).
+            DETR); "two_stage" = the top-scoring encoder proposals (``--two_stage``);
+            "dino" = DINO's mixed query selection: the top-scoring encoder proposals (ranked
+            by their best class) give the reference boxes, a learned table the content, and
+            the positions come from the references (``model.decoder.query_pos=from_reference``).
         mixed_selection: two-stage only: learned content, proposal positions (``--mixed_selection``,
-            H-DETR / DINO).
+            H-DETR).
     """
 
-    kind: Literal["learned", "learned_with_reference", "two_stage"] = "learned"
+    kind: Literal["learned", "learned_with_reference", "two_stage", "dino"] = "learned"
     mixed_selection: bool = False
 
 
@@ -126,7 +139,10 @@ class LossConfig:
 
     Attributes:
         class_loss: "softmax_ce" = cross-entropy over C + 1 logits with a no-object class
-            (DETR); "sigmoid_focal" = focal loss over C sigmoid logits (Deformable family).
+            (DETR); "sigmoid_focal" = focal loss over C sigmoid logits (Deformable family);
+            "quality_focal" = quality focal loss over C sigmoid logits whose positive target
+            is the IoU of the (detached) predicted box with its target (Co-DINO).
+        quality_beta: the quality focal loss's exponent beta (``QualityFocalLoss.beta``).
         eos_coef: weight of the no-object class in the cross-entropy (``--eos_coef``).
         aux_loss: supervise every decoder layer, not only the last (``--aux_loss``).
         encoder_class_weight, encoder_bbox_weight, encoder_giou_weight: loss weights of the
@@ -136,13 +152,14 @@ class LossConfig:
             by their anchors with no class cost (MS-DETR).
     """
 
-    class_loss: Literal["softmax_ce", "sigmoid_focal"] = "softmax_ce"
+    class_loss: Literal["softmax_ce", "sigmoid_focal", "quality_focal"] = "softmax_ce"
     class_weight: float = 1.0
     bbox_weight: float = 5.0
     giou_weight: float = 2.0
     eos_coef: float = 0.1
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    quality_beta: float = 2.0
     aux_loss: bool = True
     encoder_class_weight: float | None = None
     encoder_bbox_weight: float | None = None
@@ -191,6 +208,30 @@ class SmcaConfig:
 
 
 @dataclass(frozen=True)
+class SoftNmsConfig:
+    """Class-wise soft-NMS of the postprocessor (mmcv's ``soft_nms`` through ``batched_nms``,
+    Co-DINO's ``test_cfg.nms``): the best ``candidates`` (query, class) pairs are visited in
+    decreasing score; each decays the scores of the later boxes of its class that overlap it.
+
+    Attributes:
+        iou_threshold: "linear" decays a box whose IoU with the picked one is at least this,
+            by the factor 1 - IoU (Co-DINO: 0.8).
+        sigma: "gaussian" decays every box by exp(-IoU^2 / sigma).
+        min_score: boxes whose score falls below this are dropped.
+        method: "linear" or "gaussian".
+        candidates: (query, class) pairs entering soft-NMS; None = ``model.num_queries``
+            (mmdet takes as many as there are queries when NMS is on). ``model.top_k`` then
+            caps the survivors (Co-DINO: 300).
+    """
+
+    iou_threshold: float = 0.8
+    sigma: float = 0.5
+    min_score: float = 1e-3
+    method: Literal["linear", "gaussian"] = "linear"
+    candidates: int | None = None
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The detector.
 
@@ -201,17 +242,28 @@ class ModelConfig:
         num_queries: object queries at inference.
         num_feature_levels: backbone stages used (C5 alone = 1; C3-C5 + one extra stride-64
             level = 4, Deformable DETR).
+        num_backbone_stages: how many of the levels come from backbone stages (the last ones,
+            ending at C5), the rest from extra stride-2 levels; None = up to 3 (C3-C5);
+            4 = C2-C5 (DINO-5scale, Co-DINO: 5 levels = C2-C5 + one extra).
         box_refine: how decoder layers update reference boxes: "none", "iterative"
             (``--with_box_refine``) or "look_forward_twice" (``--look_forward_twice``, H-DETR).
+        shared_heads: one class and one box predictor for every decoder layer; None = shared
+            without box refinement, one per layer with it. DINO shares them with refinement;
+            Deformable DETR, H-DETR and Co-DINO do not.
+        inverse_sigmoid_eps: clamp of the logit of reference boxes when layers refine them
+            and heads predict relative to them (1e-5 in Deformable DETR; 1e-3 in DINO and
+            Co-DINO, whose denoising references sit at that clamp).
         top_k: detections kept per image by the postprocessor; None keeps every query (DETR) or
             100 (sigmoid heads).
         nms_iou_threshold: sigmoid heads only: class-wise NMS at this IoU over the best 10 000
             (query, class) pairs before keeping ``top_k`` (MS-DETR's ``--nms_iou_threshold``);
             None = no NMS.
+        soft_nms: sigmoid heads only: class-wise soft-NMS over the best (query, class) pairs
+            before keeping ``top_k`` (Co-DINO); None = none. Excludes ``nms_iou_threshold``.
+        clip_boxes: clamp detected boxes to the image (mmdetection's DETR heads do).
         smca: options of SMCA's Gaussian-modulated cross-attention.
-        schemes: training-only supervision schemes by name (``hybrid``, ``mixed``,
-            ``denoising``, ...), each with its own options; see ``detrkit presets`` and
-            docs/methods.md. Absent = plain one-to-one training.
+        schemes: training-only supervision schemes by registered name, each with its own
+            options (docs/methods.md lists them). Absent = plain one-to-one training.
     """
 
     num_classes: int | None = None
@@ -219,7 +271,10 @@ class ModelConfig:
     num_heads: int = 8
     num_queries: int = 100
     num_feature_levels: int = 1
+    num_backbone_stages: int | None = None
     box_refine: Literal["none", "iterative", "look_forward_twice"] = "none"
+    shared_heads: bool | None = None
+    inverse_sigmoid_eps: float = 1e-5
     queries: QueryConfig = field(default_factory=QueryConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     position: PositionConfig = field(default_factory=PositionConfig)
@@ -229,6 +284,8 @@ class ModelConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     top_k: int | None = None
     nms_iou_threshold: float | None = None
+    soft_nms: SoftNmsConfig | None = None
+    clip_boxes: bool = False
     schemes: SchemeSettings = field(default_factory=SchemeSettings)
     smca: SmcaConfig = field(default_factory=SmcaConfig)
 

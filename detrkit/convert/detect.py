@@ -97,6 +97,12 @@ SIGNATURES = (
         _has_arg("use_ms_detr"),
     ),
     Signature(
+        "dino",
+        frozenset({"dino"}),
+        "DINO's query position head (transformer.decoder.ref_point_head.*)",
+        _has_key(r"^transformer\.decoder\.ref_point_head\."),
+    ),
+    Signature(
         "hdetr",
         frozenset({"hdetr"}),
         "H-DETR's one-to-many query arguments (args.k_one2many)",

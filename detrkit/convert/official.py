@@ -60,6 +60,8 @@ def convert_official(
     if args is None:
         raise UserError(f"{path} stores no 'args'; pass --args-json with the training arguments")
     check_family(source.name, tuple(state), args, str(path))
+    if source.check_state is not None:
+        source.check_state(state, args)
     try:
         config = with_head_classes(source.config_from_args(args), state)
     except KeyError as error:

@@ -8,6 +8,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from torch import Tensor
+
 from detrkit.config.schema import (
     BackboneConfig,
     DataConfig,
@@ -21,6 +23,7 @@ from detrkit.config.schema import (
 )
 from detrkit.convert.coat import coat_config, coat_rules
 from detrkit.convert.deformable_detr import DEFORMABLE_SPLITS, deformable_config, deformable_rules
+from detrkit.convert.dino import check_aliases, dino_config, dino_rules
 from detrkit.convert.hdetr import hdetr_config, hdetr_rules
 from detrkit.convert.mpvit import mpvit_config, mpvit_rules
 from detrkit.convert.msdetr import impl_a_config, impl_a_rules, msdetr_config, msdetr_rules
@@ -197,6 +200,9 @@ class SourceFormat:
         original_bugs: turns a config from ``config_from_args`` into one that also reproduces
             the original's known bugs (which detrkit fixes by default), or None when there are
             none to reproduce. The golden cases record the originals, bugs included.
+        check_state: ``(state_dict, args)`` raises ``UserError`` when tensors that the rules
+            drop as aliases are not what they should alias (DINO's shared heads); None = no
+            check.
     """
 
     name: str
@@ -205,6 +211,7 @@ class SourceFormat:
     splits: tuple[SplitRule, ...]
     config_from_args: Callable[[Mapping[str, Any]], ExperimentConfig]
     original_bugs: Callable[[ExperimentConfig], ExperimentConfig] | None = None
+    check_state: Callable[[Mapping[str, Tensor], Mapping[str, Any]], None] | None = None
 
 
 SOURCES: dict[str, SourceFormat] = {
@@ -238,6 +245,9 @@ SOURCES: dict[str, SourceFormat] = {
         coat_rules,
         DEFORMABLE_SPLITS,
         coat_config,
+    ),
+    "dino": SourceFormat(
+        "dino", ("DINO",), dino_rules, DEFORMABLE_SPLITS, dino_config, check_state=check_aliases
     ),
     "mpvit_deformable_detr": SourceFormat(
         "mpvit_deformable_detr",

@@ -26,21 +26,24 @@ def is_swin(args: Mapping[str, Any]) -> bool:
     return str(args.get("backbone", "")).startswith("swin")
 
 
-def swin_rules(args: Mapping[str, Any]) -> tuple[RenameRule, ...]:
+def swin_rules(args: Mapping[str, Any], prefix: str = _BODY) -> tuple[RenameRule, ...]:
     """Rename rules for the Swin part of an official checkpoint; none for other backbones.
 
     They must come before the generic ``backbone.0.body.(.+)`` rule (the first match wins).
+
+    Args:
+        prefix: regex of where the checkpoint keeps the Swin (DINO: ``backbone\\.0``).
     """
     if not is_swin(args):
         return ()
     shifts = tuple(
         RenameRule(
-            rf"{_BODY}\.layers\.{stage}\.downsample\.(.+)",
+            rf"{prefix}\.layers\.{stage}\.downsample\.(.+)",
             rf"backbone.layers.{stage + 1}.downsample.\1",
         )
         for stage in range(_NUM_MERGES)
     )
     buffers = RenameRule(
-        rf"{_BODY}\.layers\.\d+\.blocks\.\d+\.(attn\.relative_position_index|attn_mask)", None
+        rf"{prefix}\.layers\.\d+\.blocks\.\d+\.(attn\.relative_position_index|attn_mask)", None
     )
     return (buffers, *shifts)

@@ -48,6 +48,8 @@ def model_family(cfg: ModelConfig) -> str:
     traits = []
     if cfg.queries.kind == "two_stage":
         traits.append("two-stage")
+    elif cfg.queries.kind == "dino":
+        traits.append("mixed query selection")
     if cfg.box_refine != "none":
         traits.append(f"{cfg.box_refine.replace('_', ' ')} box refinement")
     return f"{family} ({', '.join(traits)})" if traits else family

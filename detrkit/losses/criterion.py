@@ -138,8 +138,8 @@ class SetCriterion(nn.Module):
     def num_boxes(self, group: PredictionGroup, targets: list[Target], device) -> Tensor:
         """The normaliser of the group's box and focal terms.
 
-        H-DETR counts the repeated targets before clamping; DINO clamps the ground-truth count
-        and then multiplies by its denoising groups (docs/methods.md#implementation-notes).
+        Repeated targets are counted before clamping; a fixed assignment clamps the
+        ground-truth count and then applies its multiplier (docs/methods.md#implementation-notes).
         """
         fixed = group.supervision.fixed
         chosen = self.unrepeated_targets(group, targets)

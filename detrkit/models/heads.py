@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from detrkit.layers.ffn import MLP
 from detrkit.models.refine import refined_reference
+from detrkit.ops.boxes import INVERSE_SIGMOID_EPS
 from detrkit.structures import DecoderOutput, PredictionGroup, QuerySet
 
 _BOX_MLP_LAYERS = 3
@@ -25,11 +26,21 @@ class DetectionHead(nn.Module):
         dim: width D.
         num_logits: class logits per query (num_classes, +1 with a no-object class).
         num_layers: decoder layers; with ``shared`` one predictor serves every layer.
-        shared: one predictor pair for all layers (DETR, plain Deformable DETR).
+        shared: one predictor pair for all layers (DETR, plain Deformable DETR, DINO).
+        inverse_sigmoid_eps: clamp of the references' logit when boxes are predicted relative
+            to them (1e-3 in DINO).
     """
 
-    def __init__(self, dim: int, num_logits: int, num_layers: int, shared: bool = True) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_logits: int,
+        num_layers: int,
+        shared: bool = True,
+        inverse_sigmoid_eps: float = INVERSE_SIGMOID_EPS,
+    ) -> None:
         super().__init__()
+        self.inverse_sigmoid_eps = inverse_sigmoid_eps
         count = 1 if shared else num_layers
         self.class_embed = nn.ModuleList(nn.Linear(dim, num_logits) for _ in range(count))
         self.bbox_embed = nn.ModuleList(MLP(dim, dim, 4, _BOX_MLP_LAYERS) for _ in range(count))
@@ -78,7 +89,12 @@ class DetectionHead(nn.Module):
                 boxes.append(self.box_predictor(layer)(hidden[layer]).float().sigmoid())
             else:
                 boxes.append(
-                    refined_reference(self.box_predictor(layer), hidden[layer], references[layer])
+                    refined_reference(
+                        self.box_predictor(layer),
+                        hidden[layer],
+                        references[layer],
+                        self.inverse_sigmoid_eps,
+                    )
                 )
         return torch.stack(logits), torch.stack(boxes)
 

@@ -4,20 +4,27 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 from detrkit.ops.boxes import box_cxcywh_to_xyxy
+from detrkit.ops.soft_nms import batched_soft_nms
 from detrkit.structures import Detections, PredictionGroup
 
 
-def _scale_boxes(boxes_cxcywh: Tensor, image_sizes: Tensor) -> Tensor:
-    """[B, Q, 4] cxcywh-n and [B, 2] (h, w) -> [B, Q, 4] absolute xyxy."""
+def _scale_boxes(boxes_cxcywh: Tensor, image_sizes: Tensor, clip: bool = False) -> Tensor:
+    """[B, Q, 4] cxcywh-n and [B, 2] (h, w) -> [B, Q, 4] absolute xyxy, clamped to the image
+    when ``clip``."""
     height, width = image_sizes.unbind(1)
     scale = torch.stack((width, height, width, height), dim=1).to(boxes_cxcywh.dtype)
-    return box_cxcywh_to_xyxy(boxes_cxcywh) * scale[:, None, :]
+    boxes = box_cxcywh_to_xyxy(boxes_cxcywh) * scale[:, None, :]
+    if clip:
+        boxes = torch.min(boxes.clamp(min=0), scale[:, None, :])
+    return boxes
 
 
 def _mask_ignored(probs: Tensor, ignored: Tensor) -> Tensor:
@@ -54,6 +61,30 @@ class SoftmaxPostprocess(nn.Module):
 NMS_CANDIDATES = 10_000
 
 
+@dataclass(frozen=True)
+class SoftNms:
+    """Class-wise soft-NMS settings of ``TopKSigmoidPostprocess`` (see ``ops.soft_nms``).
+
+    Attributes:
+        candidates: best (query, class) pairs entering soft-NMS.
+        iou_threshold, sigma, min_score, method: as ``ops.soft_nms.soft_nms``.
+    """
+
+    candidates: int
+    iou_threshold: float = 0.8
+    sigma: float = 0.5
+    min_score: float = 1e-3
+    method: Literal["linear", "gaussian"] = "linear"
+
+    def options(self) -> dict:
+        return dict(
+            iou_threshold=self.iou_threshold,
+            sigma=self.sigma,
+            min_score=self.min_score,
+            method=self.method,
+        )
+
+
 class TopKSigmoidPostprocess(nn.Module):
     """Deformable family: top-k over every (query, class) sigmoid score.
 
@@ -63,6 +94,10 @@ class TopKSigmoidPostprocess(nn.Module):
             pairs first (MS-DETR's ``--nms_iou_threshold``).
         ignored_labels: labels never reported (unused slots of a converted checkpoint's label
             map); they are left out before the top-k, so they take no detection slot.
+        soft_nms: if set, class-wise soft-NMS over the best ``soft_nms.candidates`` pairs
+            first, then the ``top_k`` survivors in picking order (Co-DINO); excludes
+            ``nms_iou_threshold``.
+        clip: clamp the boxes to the image (mmdetection's DETR heads).
     """
 
     def __init__(
@@ -70,9 +105,15 @@ class TopKSigmoidPostprocess(nn.Module):
         top_k: int = 100,
         nms_iou_threshold: float | None = None,
         ignored_labels: Sequence[int] = (),
+        *,
+        soft_nms: SoftNms | None = None,
+        clip: bool = False,
     ) -> None:
         super().__init__()
+        if soft_nms is not None and nms_iou_threshold is not None:
+            raise ValueError("choose NMS or soft-NMS, not both")
         self.top_k, self.nms_iou_threshold = top_k, nms_iou_threshold
+        self.soft_nms, self.clip = soft_nms, clip
         self.register_buffer("ignored", torch.tensor(ignored_labels, dtype=torch.int64), False)
 
     @torch.no_grad()
@@ -81,19 +122,38 @@ class TopKSigmoidPostprocess(nn.Module):
         logits = predictions.logits[-1]
         num_classes = logits.shape[-1]
         probs = _mask_ignored(logits.sigmoid(), self.ignored).flatten(1)
-        keep = self.top_k if self.nms_iou_threshold is None else NMS_CANDIDATES
-        keep = min(keep, probs.shape[1] - self.ignored.numel() * logits.shape[1])
+        keep = min(self.candidates, probs.shape[1] - self.ignored.numel() * logits.shape[1])
         scores, flat_index = probs.topk(keep, dim=1)
         query_index = flat_index // num_classes
         labels = flat_index % num_classes
-        boxes = _scale_boxes(predictions.boxes[-1], image_sizes)
+        boxes = _scale_boxes(predictions.boxes[-1], image_sizes, self.clip)
         boxes = torch.gather(boxes, 1, query_index[..., None].expand(-1, -1, 4))
         detections = [
             Detections(b, s, lab, q) for s, lab, b, q in zip(scores, labels, boxes, query_index)
         ]
         if self.nms_iou_threshold is not None:
             detections = [self._nms(d) for d in detections]
+        if self.soft_nms is not None:
+            detections = [self._soft_nms(d) for d in detections]
         return detections
+
+    @property
+    def candidates(self) -> int:
+        """(query, class) pairs taken by the top-k before any NMS."""
+        if self.soft_nms is not None:
+            return self.soft_nms.candidates
+        return self.top_k if self.nms_iou_threshold is None else NMS_CANDIDATES
+
+    def _soft_nms(self, found: Detections) -> Detections:
+        """Class-wise soft-NMS; the first ``top_k`` survivors in picking order (decreasing
+        decayed score), with their decayed scores."""
+        kept, scores = batched_soft_nms(
+            found.boxes_xyxy, found.scores, found.labels, **self.soft_nms.options()
+        )
+        kept, scores = kept[: self.top_k], scores[: self.top_k]
+        return Detections(
+            found.boxes_xyxy[kept], scores, found.labels[kept], found.query_index[kept]
+        )
 
     def _nms(self, found: Detections) -> Detections:
         """Class-wise NMS, then the ``top_k`` best survivors (by score, descending)."""

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from detrkit.layers.ffn import MLP
+from detrkit.ops.boxes import at_least_float32
 
 SINE_TEMPERATURE = 10000.0
 
@@ -26,7 +27,9 @@ def box_sine_embedding(boxes: Tensor, num_feats: int) -> Tensor:
     """
     dim_t = torch.arange(num_feats, dtype=torch.float32, device=boxes.device)
     dim_t = SINE_TEMPERATURE ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
-    scaled = boxes.float()[..., None] * (2 * math.pi) / dim_t
+    boxes = at_least_float32(boxes)
+    dim_t = dim_t.to(boxes.dtype)
+    scaled = boxes[..., None] * (2 * math.pi) / dim_t
     embedded = torch.stack((scaled[..., 0::2].sin(), scaled[..., 1::2].cos()), -1).flatten(-2)
     order = [1, 0, *range(2, boxes.shape[-1])]
     return torch.cat([embedded[..., index, :] for index in order], -1)

@@ -19,10 +19,18 @@ __all__ = [
     "paired_generalized_box_iou",
     "batched_generalized_box_iou",
     "inverse_sigmoid",
+    "at_least_float32",
+    "paired_box_iou",
 ]
 
 # Clamp of the inverse sigmoid used by every DETR-style codebase (spec, notation).
 INVERSE_SIGMOID_EPS = 1e-5
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32, or unchanged when float64: box arithmetic and score ranking never run
+    in bf16/fp16 (which ties many scores), and a float64 model stays float64."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
@@ -76,3 +84,15 @@ def inverse_sigmoid(x: Tensor, eps: float = INVERSE_SIGMOID_EPS) -> Tensor:
     """Clamped logit: log(max(x, eps) / max(1 - x, eps)) with x clamped to [0, 1]."""
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def paired_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
+    """IoU of matching rows: [N, 4], [N, 4] xyxy -> [N]; the union is clamped at ``eps``
+    (mmdetection's aligned ``bbox_overlaps``)."""
+    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
+    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
+    top_left = torch.max(boxes1[:, :2], boxes2[:, :2])
+    bottom_right = torch.min(boxes1[:, 2:], boxes2[:, 2:])
+    overlap = (bottom_right - top_left).clamp(min=0).prod(-1)
+    union = (area1 + area2 - overlap).clamp(min=eps)
+    return overlap / union

@@ -46,12 +46,16 @@ class DenoisingConfig:
             pass 1.0, their configs say 0.4).
         extra_label_row: the label embedding has num_classes + 1 rows (DINO's
             ``dn_labelbook_size + 1``) instead of num_classes (Co-DINO).
+        dynamic_groups: the group count follows the most crowded image (above); False = always
+            ``dn_number`` groups (mmdetection's ``dynamic=False``; the original DINO code
+            behaves so, with 2 x ``--dn_number`` groups, when ``--dn_number`` is below 50).
     """
 
     dn_number: int = 100
     label_noise_ratio: float = 0.5
     box_noise_scale: float = 1.0
     extra_label_row: bool = True
+    dynamic_groups: bool = True
 
 
 @dataclass
@@ -70,10 +74,13 @@ class NoisedCopies:
     groups: int
 
 
-def num_groups(dn_number: int, targets: list[Target]) -> int:
-    """max(1, dn_number // the most boxes in one image); 1 when no image has a box."""
+def num_groups(dn_number: int, targets: list[Target], dynamic: bool = True) -> int:
+    """max(1, dn_number // the most boxes in one image), or ``dn_number`` when not
+    ``dynamic``; 1 when no image has a box."""
     most = max((len(t) for t in targets), default=0)
-    return max(1, dn_number // most) if most else 1
+    if not most:
+        return 1
+    return max(1, dn_number // most) if dynamic else dn_number
 
 
 def noised_copies(
@@ -168,7 +175,7 @@ class ContrastiveDenoising(TrainingScheme):
         copies = noised_copies(
             torch.cat([t.labels for t in targets]),
             torch.cat([t.boxes for t in targets]).float(),
-            num_groups(self.options.dn_number, targets),
+            num_groups(self.options.dn_number, targets, self.options.dynamic_groups),
             num_classes=self.num_classes,
             label_noise_ratio=self.options.label_noise_ratio,
             box_noise_scale=self.options.box_noise_scale,

@@ -12,12 +12,15 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any
 
 from torch import nn
 
 from detrkit.errors import UserError
 
+# Installed packages declare their schemes' modules under this entry-point group.
+ENTRY_POINT_GROUP = "detrkit.schemes"
 # Modules of this package that are infrastructure, not schemes.
 _NOT_SCHEMES = frozenset({"base", "registry"})
 
@@ -81,7 +84,9 @@ def unregister_scheme(name: str) -> None:
 
 def registered_schemes() -> dict[str, SchemeSpec]:
     """Every scheme by name: the modules of this package first (imported once, in name
-    order), then any registered from elsewhere, in registration order."""
+    order), then those of installed packages that declare a ``detrkit.schemes`` entry point
+    (the module is imported; it registers itself), then any registered from elsewhere, in
+    registration order."""
     global _loaded
     if not _loaded:
         _loaded = True
@@ -89,6 +94,8 @@ def registered_schemes() -> dict[str, SchemeSpec]:
         for module in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
             if module.name not in _NOT_SCHEMES:
                 importlib.import_module(f"detrkit.schemes.{module.name}")
+        for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            entry.load()
     return dict(_REGISTRY)
 
 

@@ -29,9 +29,11 @@ _NOT_CASES = {"inputs.json"}
 
 # Formats whose runner is not built yet, with what is missing (docs/golden.md).
 _CODETR_MISSING = (
-    "Co-DETR cases need the collaborative hybrid assignment scheme and the mmdetection "
-    "converter (not built yet)"
+    "Co-Deformable-DETR cases need the collaborative hybrid assignment scheme (Co-DETR, #14; "
+    "not built yet)"
 )
+# Co-DINO cases have their own runner: the mmdetection layout has no official ``args``.
+_CODETR_ELSEWHERE = "Co-DINO cases run in tests/golden/test_codetr_dino.py"
 _HF_MISSING = "transformers cases need the Hugging Face transformers importer (not built yet)"
 
 
@@ -66,7 +68,9 @@ def case_format(spec: dict) -> CaseFormat:
         return CaseFormat("hf", _HF_MISSING)
     reference = spec.get("reference")
     if isinstance(reference, dict) and reference.get("repo") == "Sense-X/Co-DETR":
-        return CaseFormat("codetr", _CODETR_MISSING)
+        head = spec.get("config", {}).get("model", {}).get("query_head", {})
+        dino = head.get("type") == "CoDINOHead"
+        return CaseFormat("codetr", _CODETR_ELSEWHERE if dino else _CODETR_MISSING)
     if "repo" in spec and "args" in spec:
         if source_for_repo(spec["repo"]) is None:
             return CaseFormat("official", f"repo '{spec['repo']}' is not supported by detrkit yet")

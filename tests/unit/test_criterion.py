@@ -139,3 +139,44 @@ def test_merged_one_to_one_pairs_join_the_one_to_many_pairs():
             assert own and not set(own) & set(hungarian)
             assert pairs[-len(hungarian) :] == hungarian  # written last
             assert set(pairs) == set(own) | set(hungarian) and len(pairs) == len(set(pairs))
+
+
+def test_unknown_assigner_or_merge_group_is_an_error():
+    import pytest
+
+    criterion = build_criterion(tiny_model_config())
+    targets = _targets()
+    main = _perfect_group(targets)
+    odd = PredictionGroup("odd", main.logits, main.boxes, supervision=Supervision("nope"))
+    with pytest.raises(KeyError, match="assigner 'nope'"):
+        criterion(DetectorOutput([main, odd]), targets)
+    merging = PredictionGroup(
+        "odd", main.logits, main.boxes, supervision=Supervision(merge_with="missing")
+    )
+    with pytest.raises(KeyError, match="unknown group 'missing'"):
+        criterion(DetectorOutput([main, merging]), targets)
+
+
+def test_dense_losses_run_in_float32_outside_autocast_and_are_normalised():
+    from detrkit.structures import DenseLoss
+
+    seen = {}
+
+    def compute(x):
+        seen["dtype"], seen["autocast"] = x.dtype, torch.is_autocast_enabled("cpu")
+        return (x @ x.T).sum()
+
+    criterion = build_criterion(tiny_model_config(), reduce_num_boxes=lambda n: n * 2)
+    targets = _targets()
+    features = torch.randn(4, 8).to(torch.bfloat16)
+    dense = [
+        DenseLoss("head/a", compute, (features,), weight=0.25),
+        DenseLoss("head/b", lambda x: x.sum(), (features,), count=torch.tensor(5.0)),
+    ]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = criterion(DetectorOutput([_perfect_group(targets)], dense), targets)
+    assert seen == {"dtype": torch.float32, "autocast": False}
+    x = features.float()
+    torch.testing.assert_close(losses.terms["head/a"], (x @ x.T).sum() / 6)  # 3 boxes x 2
+    torch.testing.assert_close(losses.terms["head/b"], x.sum() / 10)  # its own count x 2
+    assert losses.weights["head/a"] == 0.25 and losses.weights["head/b"] == 1.0

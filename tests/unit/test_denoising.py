@@ -43,6 +43,7 @@ def test_group_count_follows_the_most_crowded_image():
     assert num_groups(100, _targets()) == 33
     assert num_groups(2, _targets()) == 1
     assert num_groups(100, _empty_targets()) == 1
+    assert num_groups(7, _targets(), dynamic=False) == 7
 
 
 def test_positive_and_negative_noise_stay_in_their_bands():

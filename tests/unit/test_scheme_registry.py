@@ -151,3 +151,23 @@ def test_toy_scheme_trains_end_to_end(toy, synthetic_coco, tmp_path):
     Trainer(cfg, tmp_path / "run", device="cpu").fit()
     records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
     assert len(records) == 2 and all("toy/dense" in r and "toy/l1/d1" in r for r in records)
+
+
+def test_installed_packages_register_schemes_through_entry_points(monkeypatch):
+    from detrkit.schemes import registry
+
+    class Entry:
+        name = "toy"
+
+        @staticmethod
+        def load():
+            toy_scheme.register()
+
+    groups = []
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "entry_points", lambda group: groups.append(group) or [Entry])
+    try:
+        assert "toy" in registry.registered_schemes()
+        assert groups == [registry.ENTRY_POINT_GROUP]
+    finally:
+        unregister_scheme(toy_scheme.NAME)

@@ -240,3 +240,30 @@ def test_hybrid_lambda_is_folded_into_the_reported_terms_as_the_original_does():
     torch.testing.assert_close(terms_quarter.total, official_total)
     built = build_model(scaled, 3).schemes["hybrid"]
     assert built.supervision.scale == 0.25 and built.supervision.target_repeat == 3
+
+
+def test_mixed_weights_weigh_the_terms_without_changing_them_as_the_original_does():
+    """MS-DETR's loss dict holds the unweighted one-to-many terms and its weight dict the
+    ``--o2m_*_loss_coef`` values: non-default coefficients change only the weights."""
+    weights = [
+        "model.schemes.mixed.class_weight=3.5",
+        "model.schemes.mixed.bbox_weight=1.5",
+        "model.schemes.mixed.giou_weight=0.5",
+    ]
+    base = "deformable_detr_r50_two_stage"
+    default = load_config(base, TINY + MIXED_ROOT).model
+    custom = load_config(base, TINY + MIXED_ROOT + weights).model
+    reference, weighted_model = build_model(default, 3).train(), build_model(custom, 3).train()
+    weighted_model.load_state_dict(reference.state_dict())
+    runs = []
+    for cfg, model in ((default, reference), (custom, weighted_model)):
+        torch.manual_seed(5)  # the quality assigner subsamples positives at random
+        runs.append(build_criterion(cfg, 3)(model(_images(), _targets()), _targets()))
+    plain, weighted = runs
+    for name, value in plain.terms.items():
+        torch.testing.assert_close(weighted.terms[name], value)
+    assert weighted.weights["ms_o2m/cls/d1"] == 3.5 and weighted.weights["ms_o2m/l1/d0"] == 1.5
+    assert weighted.weights["ms_o2m/giou/d1"] == 0.5
+    assert weighted.weights["main/cls/d1"] == plain.weights["main/cls/d1"]
+    total = sum(weighted.weights[k] * v for k, v in weighted.terms.items())
+    torch.testing.assert_close(weighted.total, total)
