@@ -26,8 +26,13 @@ from detrkit.errors import UserError
 logger = logging.getLogger(__name__)
 
 # Every class predictor of detrkit's models (decoder heads, two-stage proposal head, MS-DETR's
-# one-to-many heads) is a Linear of this name with one row per label (+ no-object).
-CLASS_HEAD = re.compile(r"(^|\.)(class_embed|class_heads)(\.\d+)?\.(weight|bias)$")
+# one-to-many heads) is a Linear of this name with one row per label (+ no-object); every
+# embedding indexed by label (the denoising scheme's) is named ``label_embedding``, one row per
+# label (+ its own extra row). Their rows move by category id.
+CLASS_HEAD = re.compile(
+    r"(^|\.)((class_embed|class_heads)(\.\d+)?\.(weight|bias)|label_embedding\.weight)$"
+)
+LABEL_TABLE = re.compile(r"(^|\.)label_embedding\.weight$")
 
 
 @dataclass(frozen=True)
@@ -201,10 +206,11 @@ def _class_heads(
     fresh = tuple(target.names[i] for i, r in enumerate(rows) if r is None)
     if fresh:
         _warn_names(source, target)
-    tensors = {k: _take_rows(own[k], weights[k], rows, extra) for k in keys}
+    tensors = {k: _take_rows(own[k], weights[k], rows, extra[k]) for k in keys}
     kept = sum(r is not None for r in rows)
+    no_object = any(extra[k] == 1 for k in keys if not LABEL_TABLE.search(k))
     change = ClassHeadChange(
-        **sizes, kept=kept, fresh_names=fresh, no_object=extra == 1, as_is=False
+        **sizes, kept=kept, fresh_names=fresh, no_object=no_object, as_is=False
     )
     return tensors, change
 
@@ -219,18 +225,22 @@ def _row_sources(source: LabelMap, target: LabelMap) -> list[int | None]:
     return rows
 
 
-def _extra_rows(own, weights, keys, source: LabelMap, target: LabelMap) -> int | None:
-    """Rows past the classes (1: softmax no-object, 0: none) when every head agrees, else None
-    (the heads do not have the label maps' layout and cannot be matched by category)."""
-    extras = {
-        (_logits(weights[k]) - source.num_classes, _logits(own[k]) - target.num_classes)
-        for k in keys
-    }
-    if len(extras) != 1:
+def _extra_rows(own, weights, keys, source: LabelMap, target: LabelMap) -> dict[str, int] | None:
+    """Per tensor, the rows past the classes (1: softmax no-object or a label table's extra
+    row, 0: none) when checkpoint and model agree and every class head has the same, else None
+    (the tensors do not have the label maps' layout and cannot be matched by category)."""
+    extras = {}
+    for key in keys:
+        from_checkpoint = _logits(weights[key]) - source.num_classes
+        in_model = _logits(own[key]) - target.num_classes
+        if from_checkpoint != in_model or in_model not in (0, 1):
+            return None
+        if own[key].shape[1:] != weights[key].shape[1:]:
+            return None
+        extras[key] = in_model
+    if len({v for k, v in extras.items() if not LABEL_TABLE.search(k)}) > 1:
         return None
-    ((from_checkpoint, in_model),) = extras
-    trailing = all(own[k].shape[1:] == weights[k].shape[1:] for k in keys)
-    return from_checkpoint if from_checkpoint == in_model in (0, 1) and trailing else None
+    return extras
 
 
 def _take_rows(fresh: Tensor, trained: Tensor, rows: list[int | None], extra: int) -> Tensor:

@@ -11,18 +11,11 @@ from detrkit.errors import UserError
 from detrkit.ops.boxes import box_cxcywh_to_xyxy
 from detrkit.schemes.denoising import group_blocks, noised_copies, num_groups
 from detrkit.schemes.randomness import RandomSource, ReplayedDraws
-from detrkit.structures import ImageBatch, Target
-from tests.unit.test_schemes import TINY
+from detrkit.structures import Target
+from tests.unit.test_schemes import TINY, _images
 
 DENOISING = ["model.schemes.denoising.dn_number=6"]
 TWO_STAGE = "deformable_detr_r50_two_stage"
-
-
-def _images():
-    torch.manual_seed(1)
-    mask = torch.zeros(2, 64, 80, dtype=torch.bool)
-    mask[1, :, 60:] = True
-    return ImageBatch(torch.randn(2, 3, 64, 80), mask, torch.tensor([[64, 80], [64, 60]]))
 
 
 def _targets():

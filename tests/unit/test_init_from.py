@@ -83,3 +83,21 @@ def test_train_init_from_converted_checkpoint_on_coco2017(tmp_path, caplog):
     again = ["--output-dir", str(tmp_path / "again"), "--init-from", str(run)]
     assert main([*argv, *again, *steps]) == 0
     assert "class heads (2 tensors): loaded as they are (80 classes)" in caplog.text
+
+
+def test_denoising_label_table_rows_follow_their_category():
+    """DINO's label embedding is indexed by label like the class heads (+ its own extra row);
+    fine-tuning on fewer classes takes its rows by category id."""
+    from detrkit.config.load import load_config
+
+    tiny = ["model.hidden_dim=32", "model.num_heads=2", "model.backbone.name=resnet18"]
+    cfg = replace(load_config("dino_tiny", tiny).model, num_classes=None)
+    source, target = build_model(cfg, 91), build_model(cfg, 80)
+    report = load_init_weights(target, source.state_dict(), False, COCO_SLOTS, COCO_80)
+    key = "schemes.denoising.label_embedding.weight"
+    trained, loaded = source.state_dict()[key], target.state_dict()[key]
+    assert trained.shape[0] == 92 and loaded.shape[0] == 81
+    torch.testing.assert_close(loaded[:80], trained[list(COCO_CATEGORY_NAMES)], atol=0, rtol=0)
+    torch.testing.assert_close(loaded[80], trained[91], atol=0, rtol=0)  # the extra row
+    assert not report.partial and report.reinitialised == 0
+    assert "(80 classes)" in report.format()  # sigmoid heads: no no-object row

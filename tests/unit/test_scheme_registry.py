@@ -19,19 +19,9 @@ from detrkit.schemes.registry import registered_schemes, unregister_scheme
 from detrkit.structures import ImageBatch, Target
 from tests.conftest import TINY_RUN_OVERRIDES
 from tests.unit import toy_scheme
+from tests.unit.test_schemes import TINY
 
 TWO_STAGE = "deformable_detr_r50_two_stage"
-TINY = [
-    "model.hidden_dim=32",
-    "model.num_heads=2",
-    "model.num_queries=6",
-    "model.encoder.num_layers=1",
-    "model.decoder.num_layers=2",
-    "model.backbone.name=resnet18",
-    "model.num_feature_levels=2",
-    "model.encoder.dropout=0.0",
-    "model.decoder.dropout=0.0",
-]
 
 
 @pytest.fixture
