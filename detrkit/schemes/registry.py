@@ -8,6 +8,7 @@ new file: nothing in config, build, criterion, detector or decoder names it.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import pkgutil
 from collections.abc import Callable
@@ -104,9 +105,7 @@ def scheme_spec(name: str, source: str = "the config") -> SchemeSpec:
     schemes = registered_schemes()
     if name in schemes:
         return schemes[name]
-    from detrkit.config.validate import nearest
-
-    close = nearest(name, list(schemes))[:1]
+    close = difflib.get_close_matches(name, list(schemes), n=1, cutoff=0.0)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     raise UserError(
         f"unknown training scheme 'model.schemes.{name}' in {source}{hint} "
