@@ -5,8 +5,9 @@ The rules are derived from the model config (``config.model`` of a ``projects/co
 file): which norm follows which operation comes from each layer's ``operation_order``, the
 encoder's prediction branches sit at index ``num_layers`` of ``cls_branches`` /
 ``reg_branches``, and the neck's extra levels follow its inputs. The collaborative auxiliary
-heads (RPN, RoI, ATSS and their query projections) are dropped: detrkit does not build them
-yet (Co-DETR, #14).
+heads (RPN, RoI, ATSS and their query projections) are dropped by default (a model without
+the collaborative scheme); ``with_collaborative=True`` maps them to
+``schemes.collaborative.*`` (``schemes.collaborative``) instead.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from detrkit.convert.codetr_config import operation_order, query_head
+from detrkit.convert.codetr_atss import atss_rules
+from detrkit.convert.codetr_aux import faster_rcnn_rules
+from detrkit.convert.codetr_config import num_feature_levels, operation_order, query_head
 from detrkit.convert.rules import ConversionResult, RenameRule, SplitRule, convert_state_dict
 
 _WB = r"(weight|bias)"
@@ -32,7 +35,21 @@ _BRANCH_LAYERS = (("0", "0"), ("2", "1"), ("4", "2"))
 AUXILIARY_RULES = (
     RenameRule(r"(rpn_head|roi_head|bbox_head)\..+", None),
     RenameRule(rf"{_HEAD}\.aux_pos_trans(_norm)?\..+", None),
+    # Co-Deformable-DETR's positive-query projections and per-head position offsets.
+    RenameRule(rf"{_HEAD}\.(pos_feats_trans|pos_feats_norm)\..+", None),
+    RenameRule(rf"{_HEAD}\.head_pos_embed\.weight", None),
     RenameRule(r"query_head\.downsample\..+", None),
+)
+# Co-DINO's collaborative parts -> the ``collaborative`` scheme (official heads: RoI head 0,
+# ATSS ``bbox_head.0``); put before AUXILIARY_RULES (the first matching rule wins).
+_SCHEME = "schemes.collaborative"
+COLLABORATIVE_RULES = (
+    *faster_rcnn_rules(0, f"{_SCHEME}.rpn", f"{_SCHEME}.roi"),
+    *atss_rules(0, f"{_SCHEME}.atss"),
+    RenameRule(rf"query_head\.downsample\.(0|1)\.{_WB}", rf"{_SCHEME}.pyramid.downsample.\1.\2"),
+    RenameRule(
+        rf"{_HEAD}\.aux_pos_trans(_norm)?\.(\d+)\.{_WB}", rf"{_SCHEME}.aux_pos_trans\1.\2.\3"
+    ),
 )
 BACKBONE_RULES = (
     # FrozenBatchNorm2d keeps no step counter.
@@ -93,7 +110,8 @@ def _head_rules(num_layers: int) -> list[RenameRule]:
 
 
 def codetr_rules(model: Mapping[str, Any]) -> tuple[RenameRule, ...]:
-    """Every rename rule of a Co-DINO checkpoint described by ``model`` (the mmdet config)."""
+    """Every rename rule of a Co-DINO / Co-Deformable-DETR checkpoint described by ``model``
+    (the mmdet config)."""
     head = query_head(model)
     transformer = head["transformer"]
     num_inputs = len(model["neck"]["in_channels"])
@@ -102,7 +120,7 @@ def codetr_rules(model: Mapping[str, Any]) -> tuple[RenameRule, ...]:
         RenameRule(r"neck\.convs\.(\d+)\.conv\.(weight|bias)", r"neck.projections.\1.0.\2"),
         RenameRule(r"neck\.convs\.(\d+)\.gn\.(weight|bias)", r"neck.projections.\1.1.\2"),
     ]
-    extra_levels = head["num_feature_levels"] - num_inputs
+    extra_levels = num_feature_levels(head) - num_inputs
     for extra in range(extra_levels):
         level = num_inputs + extra
         rules += [
@@ -117,6 +135,9 @@ def codetr_rules(model: Mapping[str, Any]) -> tuple[RenameRule, ...]:
         RenameRule(rf"{_HEAD}\.level_embeds", "encoder.level_embed"),
         RenameRule(rf"{_HEAD}\.(enc_output|enc_output_norm)\.{_WB}", r"queries.\1.\2"),
         RenameRule(rf"{_HEAD}\.query_embed\.weight", "queries.tgt_embed.weight"),
+        # Co-Deformable-DETR's two-stage proposal embedding and mixed-selection content.
+        RenameRule(rf"{_HEAD}\.(pos_trans|pos_trans_norm)\.{_WB}", r"queries.\1.\2"),
+        RenameRule(r"query_head\.query_embedding\.weight", "queries.query_embed.weight"),
         RenameRule(
             rf"{_HEAD}\.decoder\.ref_point_head\.0\.{_WB}",
             r"decoder.query_pos_head.mlp.layers.0.\1",
@@ -152,12 +173,20 @@ def codetr_splits(model: Mapping[str, Any]) -> tuple[SplitRule, ...]:
 
 
 def convert_codetr(
-    state: Mapping[str, Tensor], model: Mapping[str, Any], *, with_denoising: bool = True
+    state: Mapping[str, Tensor],
+    model: Mapping[str, Any],
+    *,
+    with_denoising: bool = True,
+    with_collaborative: bool = False,
 ) -> ConversionResult:
     """Convert an official Co-DINO state dict; the neck's convolutions, which have no bias in
     the original (a GroupNorm follows), get zero biases. ``with_denoising=False`` drops the
-    denoising label table (a model built without the scheme)."""
+    denoising label table (a model built without the scheme); ``with_collaborative=True``
+    keeps the auxiliary heads for a model with the ``collaborative`` scheme (RPN + RoI head 0
+    and ATSS head 0 of the checkpoint)."""
     rules = codetr_rules(model)
+    if with_collaborative:
+        rules = COLLABORATIVE_RULES + rules
     if not with_denoising:
         rules = (RenameRule(r"query_head\.label_embedding\.weight", None),) + rules
     result = convert_state_dict(state, rules, codetr_splits(model))

@@ -3,7 +3,9 @@
 config: the merged ``model`` dict of a ``projects/configs/co_*`` file, as the golden cases
 record it under ``config.model``.
 
-Only the query head (the DETR part) is translated. The collaborative auxiliary heads
+Only the query head (the DETR part) is translated: Co-DINO's ``CoDINOHead`` (DINO) and
+Co-Deformable-DETR's ``CoDeformDETRHead`` (two-stage Deformable DETR with box refinement,
+mixed selection and look-forward-twice). The collaborative auxiliary heads
 (``rpn_head``, ``roi_head``, ``bbox_head``) are training-only and not supported yet (Co-DETR,
 #14); their weights are dropped by ``convert.codetr``.
 """
@@ -28,6 +30,13 @@ from detrkit.errors import UserError
 
 # mmdetection's DETR-style heads and what detrkit builds of them.
 _DINO_HEADS = ("CoDINOHead",)
+_DEFORMABLE_HEADS = ("CoDeformDETRHead",)
+_HEADS = _DINO_HEADS + _DEFORMABLE_HEADS
+# mmdet's DeformableDetrTransformer default when a head does not set num_feature_levels.
+_DEFAULT_LEVELS = 4
+# The clamp of the references' logit: Co-DINO passes eps=1e-3, Co-Deformable-DETR keeps
+# mmdet 2.x's ``inverse_sigmoid`` default.
+_DINO_EPS, _DEFORMABLE_EPS = 1e-3, 1e-5
 _RESNET_DEPTHS = (18, 34, 50, 101)
 # mmcv's defaults where a config leaves a key out.
 _MSDA_DEFAULTS = dict(num_heads=8, num_points=4)
@@ -39,12 +48,24 @@ def query_head(model: Mapping[str, Any]) -> Mapping[str, Any]:
     head = model.get("query_head")
     if not isinstance(head, Mapping):
         raise UserError("not a Co-DETR model config: it has no 'query_head' section")
-    if head.get("type") not in _DINO_HEADS:
+    if head.get("type") not in _HEADS:
         raise UserError(
             f"Co-DETR query head {head.get('type')!r} is not supported yet (supported: "
-            f"{', '.join(_DINO_HEADS)}; Co-Deformable-DETR is issue #14)"
+            f"{', '.join(_HEADS)})"
         )
     return head
+
+
+def is_dino(head: Mapping[str, Any]) -> bool:
+    """Whether a query head is Co-DINO's (else Co-Deformable-DETR's)."""
+    return head.get("type") in _DINO_HEADS
+
+
+def num_feature_levels(head: Mapping[str, Any]) -> int:
+    """The query head's feature levels (the transformer's, 4 by default, when the head does
+    not say)."""
+    default = head["transformer"].get("num_feature_levels", _DEFAULT_LEVELS)
+    return head.get("num_feature_levels", default)
 
 
 def operation_order(layer: Mapping[str, Any]) -> tuple[str, ...]:
@@ -60,8 +81,12 @@ def _attention_options(layer: Mapping[str, Any], index: int) -> dict:
     }
 
 
-def _stack(stack: Mapping[str, Any], deformable_index: int, order: bool) -> TransformerConfig:
-    """An mmcv encoder/decoder stack -> TransformerConfig (post-norm, ReLU FFN)."""
+def _stack(
+    stack: Mapping[str, Any], deformable_index: int, order: bool, from_reference: bool = True
+) -> TransformerConfig:
+    """An mmcv encoder/decoder stack -> TransformerConfig (post-norm, ReLU FFN); ``order``:
+    a decoder, whose positions come from its references (DINO) when ``from_reference``, else
+    are the query initialiser's (Deformable DETR)."""
     layer = stack["transformerlayers"]
     if layer["operation_order"][0] == "norm":
         raise UserError("pre-norm Co-DETR layers are not supported")
@@ -77,7 +102,11 @@ def _stack(stack: Mapping[str, Any], deformable_index: int, order: bool) -> Tran
         num_points=msda["num_points"],
     )
     if order:
-        fields |= dict(order=operation_order(layer), query_pos="from_reference", output_norm=True)
+        fields["order"] = operation_order(layer)
+        if from_reference:
+            fields |= dict(query_pos="from_reference", output_norm=True)
+        else:
+            fields["output_norm"] = False
     return TransformerConfig(**fields)
 
 
@@ -159,40 +188,70 @@ def _denoising(head: Mapping[str, Any]) -> SchemeSettings:
     return SchemeSettings({"denoising": options})
 
 
+def _dino_parts(head: Mapping[str, Any]) -> dict:
+    """Co-DINO: DINO's query selection with positions from the references, a shared output
+    norm, the references' logit clamped at 1e-3, soft-NMS and denoising."""
+    return dict(
+        box_refine="look_forward_twice",
+        inverse_sigmoid_eps=_DINO_EPS,
+        queries=QueryConfig(kind="dino"),
+        decoder=_stack(head["transformer"]["decoder"], 1, order=True),
+        soft_nms=_soft_nms(head.get("test_cfg", {})),
+        schemes=_denoising(head),
+    )
+
+
+def _deformable_parts(head: Mapping[str, Any]) -> dict:
+    """Co-Deformable-DETR: Deformable DETR's two-stage selection (top ``num_query`` tokens by
+    the first logit; ``get_proposal_pos_embed`` with ``embed_dims // 2`` features, as
+    detrkit's), constant query positions, no output norm, mmdet's 1e-5 clamp, no NMS."""
+    transformer = head["transformer"]
+    decoder = transformer["decoder"]
+    if head.get("test_cfg", {}).get("nms") is not None:
+        raise UserError("Co-Deformable-DETR with test-time NMS is not supported")
+    if head.get("test_cfg", {}).get("score_thr", 0) != 0:
+        raise UserError("Co-Deformable-DETR with a test_cfg.score_thr is not supported")
+    mixed = bool(head.get("mixed_selection", transformer.get("mixed_selection", False)))
+    return dict(
+        box_refine="look_forward_twice" if decoder.get("look_forward_twice") else "iterative",
+        inverse_sigmoid_eps=_DEFORMABLE_EPS,
+        queries=QueryConfig(kind="two_stage", mixed_selection=mixed),
+        decoder=_stack(decoder, 1, order=True, from_reference=False),
+    )
+
+
 def codetr_model_config(model: Mapping[str, Any]) -> ModelConfig:
-    """The detrkit ``ModelConfig`` of a Co-DETR model config's query head (Co-DINO: DINO's
-    query selection, per-layer heads with look-forward-twice refinement, quality focal loss,
-    soft-NMS, clamped boxes)."""
+    """The detrkit ``ModelConfig`` of a Co-DETR model config's query head: Co-DINO (DINO's
+    query selection, look-forward-twice, quality focal loss, soft-NMS) or Co-Deformable-DETR
+    (two-stage Deformable DETR, sigmoid focal loss); per-layer heads, clamped boxes."""
     head = query_head(model)
     transformer = head["transformer"]
     if not (head.get("as_two_stage") and head.get("with_box_refine")):
-        raise UserError("Co-DINO without two-stage selection and box refinement is unsupported")
+        raise UserError(
+            "Co-DETR query heads without two-stage selection and box refinement are unsupported"
+        )
     neck, position = model["neck"], head["positional_encoding"]
-    _check_neck(neck, head["num_feature_levels"])
-    decoder = _stack(transformer["decoder"], 1, order=True)
+    levels = num_feature_levels(head)
+    _check_neck(neck, levels)
     loss, matcher = _loss(head)
     msda = _attention_options(transformer["encoder"]["transformerlayers"], 0)
+    parts = _dino_parts(head) if is_dino(head) else _deformable_parts(head)
     return ModelConfig(
         num_classes=head["num_classes"],
         hidden_dim=2 * position["num_feats"],
         num_heads=msda["num_heads"],
         num_queries=head["num_query"],
-        num_feature_levels=head["num_feature_levels"],
+        num_feature_levels=levels,
         num_backbone_stages=len(neck["in_channels"]),
-        box_refine="look_forward_twice",
         shared_heads=False,
-        inverse_sigmoid_eps=1e-3,
-        queries=QueryConfig(kind="dino"),
         backbone=_backbone(model),
         position=PositionConfig(
             temperature=position.get("temperature", 10000), offset=position.get("offset", 0.0)
         ),
         encoder=_stack(transformer["encoder"], 0, order=False),
-        decoder=decoder,
         matcher=matcher,
         loss=loss,
         top_k=head.get("test_cfg", {}).get("max_per_img", 100),
-        soft_nms=_soft_nms(head.get("test_cfg", {})),
         clip_boxes=True,
-        schemes=_denoising(head),
+        **parts,
     )

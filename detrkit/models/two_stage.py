@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from detrkit.layers.ffn import MLP
 from detrkit.models.heads import PRIOR_PROB
 from detrkit.models.queries import MAIN_GROUP
+from detrkit.ops.boxes import at_least_float32
 from detrkit.structures import (
     EncoderMemory,
     PredictionGroup,
@@ -111,23 +112,35 @@ class TwoStageQuerySelector(nn.Module):
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)
 
-    def forward(
-        self, memory: EncoderMemory, num_queries: int, num_extra: int = 0
-    ) -> tuple[QuerySet, list[PredictionGroup]]:
-        """Top ``num_queries + num_extra`` proposals; also the "enc" prediction group."""
+    def rank(self, memory: EncoderMemory, total: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Score every token by its first ("foreground") logit and pick the best ``total``.
+
+        Returns:
+            top [B, K] int64 token indices (best first), logits [B, S, C] of every token,
+            box logits [B, S, 4] (inverse-sigmoid cxcywh; +inf on padding and invalid
+            anchors) and anchor logits [B, S, 4], all at least float32.
+        """
+        if total > memory.tokens.shape[1]:
+            raise ValueError(
+                f"two-stage selection needs {total} proposals but the images give only "
+                f"{memory.tokens.shape[1]} encoder tokens; use larger images or fewer queries"
+            )
         proposal_logits, valid = encoder_proposals(memory)
         hidden = memory.tokens.masked_fill(memory.padding_mask[..., None], 0.0)
         hidden = self.enc_output_norm(self.enc_output(hidden.masked_fill(~valid, 0.0)))
         # Ranking and box arithmetic in float32 even under autocast: bf16 ties many scores.
-        logits = self.class_embed(hidden).float()
-        coords_logit = self.bbox_embed(hidden).float() + proposal_logits.float()
-        total = num_queries + num_extra
-        if total > logits.shape[1]:
-            raise ValueError(
-                f"two-stage selection needs {total} proposals but the images give only "
-                f"{logits.shape[1]} encoder tokens; use larger images or fewer queries"
-            )
+        logits = at_least_float32(self.class_embed(hidden))
+        proposal_logits = proposal_logits.to(logits.dtype)
+        coords_logit = at_least_float32(self.bbox_embed(hidden)) + proposal_logits
         top = torch.topk(logits[..., 0], total, dim=1)[1]
+        return top, logits, coords_logit, proposal_logits
+
+    def forward(
+        self, memory: EncoderMemory, num_queries: int, num_extra: int = 0
+    ) -> tuple[QuerySet, list[PredictionGroup]]:
+        """Top ``num_queries + num_extra`` proposals; also the "enc" prediction group."""
+        total = num_queries + num_extra
+        top, logits, coords_logit, proposal_logits = self.rank(memory, total)
         # The selected boxes become fixed starting references: no gradient through the ranking.
         chosen = torch.gather(coords_logit, 1, top[..., None].expand(-1, -1, 4)).detach()
         embedding = self.pos_trans_norm(self.pos_trans(proposal_sine_embedding(chosen, self.dim)))

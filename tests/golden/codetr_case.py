@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Loading a Co-DETR golden case (``cases/codetr``, mmdetection layout) and running detrkit's
-model of its query head on it, in float32 or float64 (shared by the Co-DETR golden tests).
+model of its query head on it, in float32 or float64 (shared by the Co-DETR golden tests:
+Co-DINO in ``test_codetr_dino.py``, Co-Deformable-DETR in ``test_codetr_deformable.py``).
 
 The model comes from the case's mmdet ``config.model`` (``convert.codetr_config``), the weights
 from the folder's ``refgen.py`` under official key names through ``convert.codetr``, the inputs
@@ -15,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -27,10 +29,68 @@ from detrkit.errors import UserError
 from detrkit.models.postprocess import TopKSigmoidPostprocess
 from detrkit.ops.boxes import box_xyxy_to_cxcywh
 from detrkit.ops.soft_nms import batched_soft_nms, class_offset_boxes
-from detrkit.structures import DecoderOutput, Detections, DetectorOutput, ImageBatch, Target
-from tests.golden.golden_case import official_state_dict
+from detrkit.structures import (
+    DecoderOutput,
+    Detections,
+    DetectorOutput,
+    ImageBatch,
+    QuerySet,
+    Target,
+)
+from tests.golden.golden_case import case_format, case_id, list_cases, official_state_dict
 
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
+DINO_HEAD = "CoDINOHead"
+
+
+def codetr_cases(dino: bool) -> list:
+    """pytest params of the Co-DINO (``dino``) or the Co-Deformable-DETR cases."""
+    found = []
+    for path in list_cases():
+        spec = json.loads(path.read_text())
+        try:
+            fmt = case_format(spec)
+        except ValueError:
+            continue
+        if fmt.name == "codetr" and (_head_type(spec) == DINO_HEAD) == dino:
+            found.append(pytest.param(path, id=case_id(path)))
+    kind = "Co-DINO" if dino else "Co-Deformable-DETR"
+    return found or [pytest.param(None, marks=pytest.mark.skip(reason=f"no {kind} cases"))]
+
+
+def _head_type(spec: dict) -> str:
+    return spec["config"]["model"]["query_head"]["type"]
+
+
+def assert_pairs(pairs: dict, tolerance: dict) -> int:
+    """Integer tensors exactly, float tensors within ``tolerance``; -> how many compared."""
+    for name, (ours, theirs) in pairs.items():
+        assert ours.shape == theirs.shape, f"{name}: shape {ours.shape} vs {theirs.shape}"
+        if not theirs.is_floating_point():
+            assert torch.equal(ours.to(theirs.dtype), theirs), f"{name}: {ours} vs {theirs}"
+        else:
+            assert ours.dtype == theirs.dtype, f"{name}: dtype {ours.dtype} vs {theirs.dtype}"
+            torch.testing.assert_close(ours, theirs, **tolerance, msg=lambda m, n=name: f"{n}: {m}")
+    return len(pairs)
+
+
+# mmdet loss names of the one-to-one groups -> (detrkit group, term); layer from the prefix.
+_TERMS = {"cls": "cls", "bbox": "l1", "iou": "giou"}
+
+
+def official_loss_name(name: str, num_layers: int) -> str | None:
+    """mmdet names of the query head's losses -> detrkit term names (None: auxiliary heads)."""
+    layer, _, rest = name.rpartition(".")
+    group = "main"
+    if rest.startswith("enc_loss_"):
+        group, rest = "enc", rest.removeprefix("enc_")
+    elif rest.startswith("dn_loss_"):
+        group, rest = "dn", rest.removeprefix("dn_")
+    term = rest.removeprefix("loss_")
+    if term not in _TERMS or (group == "enc" and layer):
+        return None
+    index = int(layer[1:]) if layer else (0 if group == "enc" else num_layers - 1)
+    return f"{group}/{_TERMS[term]}/d{index}"
 
 
 @dataclass
@@ -43,7 +103,9 @@ class EvalRun:
             references).
         levels: the neck's feature maps [B, D, h, w] per level.
         memory: the encoder's tokens [B, S, D].
-        top: [B, K] selected token indices; select_scores [B, S] (best class logit per token).
+        top: [B, K] selected token indices; select_scores [B, S] (best class logit per token:
+            Co-DINO's ranking score).
+        queries: the decoder's input (content, positions, references [B, Q, ...]).
     """
 
     output: DetectorOutput
@@ -52,6 +114,7 @@ class EvalRun:
     memory: torch.Tensor
     top: torch.Tensor
     select_scores: torch.Tensor
+    queries: QuerySet
 
 
 @dataclass
@@ -61,13 +124,14 @@ class PostRun:
     Attributes:
         candidates: the top-k (query, class) pairs before soft-NMS (boxes clamped, in
             original pixels).
-        keep, scores: soft-NMS of the candidates (indices in picking order, decayed scores).
+        keep, scores: soft-NMS of the candidates (indices in picking order, decayed scores);
+            None without soft-NMS (Co-Deformable-DETR: the candidates are the detections).
         final: the configured postprocessor's detections (end to end).
     """
 
     candidates: Detections
-    keep: torch.Tensor
-    scores: torch.Tensor
+    keep: torch.Tensor | None
+    scores: torch.Tensor | None
     final: Detections
 
 
@@ -99,6 +163,11 @@ class CodetrCase:
         case.model.load_state_dict(case.conversion.state_dict, strict=True)
         case.model.eval()
         return case
+
+    @property
+    def dino(self) -> bool:
+        """Co-DINO (else Co-Deformable-DETR)."""
+        return _head_type(self.spec) == DINO_HEAD
 
     def batch(self, dtype: torch.dtype = torch.float32) -> ImageBatch:
         """The padded images with the masks mmdet builds from each ``img_shape``."""
@@ -143,6 +212,7 @@ class CodetrCase:
             memory=seen["encoder"][1].tokens,
             top=top,
             select_scores=logits.max(-1).values,
+            queries=seen["decoder"][0][0],
         )
 
     def targets(self) -> list[Target]:
@@ -164,8 +234,10 @@ class CodetrCase:
         inference = self.run(precision).output.for_inference()
         sizes = self.original_sizes()
         postprocess = build_postprocess(self.config)
-        if not isinstance(postprocess, TopKSigmoidPostprocess) or postprocess.soft_nms is None:
-            raise UserError("Co-DINO cases post-process with soft-NMS")
+        if not isinstance(postprocess, TopKSigmoidPostprocess):
+            raise UserError("Co-DETR cases post-process sigmoid scores")
+        if postprocess.soft_nms is None:
+            return [PostRun(f, None, None, f) for f in postprocess(inference, sizes)]
         soft = postprocess.soft_nms
         stage_one = TopKSigmoidPostprocess(soft.candidates, clip=postprocess.clip)
         runs = []
@@ -187,12 +259,18 @@ class CodetrCase:
             final_rows = torch.cat((final.boxes_xyxy, final.scores[:, None]), 1)
             # mmdet's bbox2result: the detections of each class in order, classes in order.
             by_class = torch.sort(final.labels, stable=True).indices
-            ours = {
-                f"{prefix}.pre_nms.flat_index": found.query_index * num_classes + found.labels,
-                f"{prefix}.softnms.scores_in": found.scores,
-                f"{prefix}.softnms.boxes_with_class_offset": offset,
-                f"{prefix}.softnms.keep": run.keep,
-                f"{prefix}.softnms.dets": torch.cat((offset[run.keep], run.scores[:, None]), 1),
+            flat_index = found.query_index * num_classes + found.labels
+            if run.keep is None:
+                ours = {f"{prefix}.flat_index": flat_index}
+            else:
+                ours = {
+                    f"{prefix}.pre_nms.flat_index": flat_index,
+                    f"{prefix}.softnms.scores_in": found.scores,
+                    f"{prefix}.softnms.boxes_with_class_offset": offset,
+                    f"{prefix}.softnms.keep": run.keep,
+                    f"{prefix}.softnms.dets": torch.cat((offset[run.keep], run.scores[:, None]), 1),
+                }
+            ours |= {
                 f"{prefix}.bboxes": final_rows,
                 f"{prefix}.labels": final.labels,
                 f"eval.{precision}.result.{image}.bboxes": final_rows[by_class],
@@ -204,7 +282,8 @@ class CodetrCase:
         return pairs
 
     def output_pairs(self, precision: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Ours and the recorded ``eval.{precision}.out.*`` tensors."""
+        """Ours and the recorded ``eval.{precision}.out.*`` tensors (Co-Deformable-DETR
+        records the encoder's outputs in float32 only)."""
         output = self.run(precision).output
         main, enc = output.group("main"), output.group("enc")
         ours = {
@@ -213,9 +292,11 @@ class CodetrCase:
             "enc_cls_scores": enc.logits[0],
             "enc_bbox_preds": enc.boxes[0],
         }
+        names = {f"eval.{precision}.out.{name}": value for name, value in ours.items()}
         return {
-            f"eval.{precision}.out.{name}": (value, self.tensors[f"eval.{precision}.out.{name}"])
-            for name, value in ours.items()
+            name: (value, self.tensors[name])
+            for name, value in names.items()
+            if name in self.tensors
         }
 
     def mid_pairs(self, precision: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -223,14 +304,20 @@ class CodetrCase:
         (``x_enc`` of the auxiliary heads' downsampling is not one of them)."""
         run = self.run(precision)
         prefix = f"eval.{precision}.mid"
+        references = run.decoded.references
         ours = {
             f"{prefix}.topk_proposals": run.top,
             f"{prefix}.enc_select_scores": run.select_scores,
             f"{prefix}.hs": run.decoded.hidden,
-            f"{prefix}.inter_references": torch.stack(run.decoded.references),
-            f"{prefix}.dec_in.reference_points": run.decoded.references[0],
+            f"{prefix}.dec_in.reference_points": references[0],
             f"{prefix}.memory.ch32": run.memory[..., ::32],
         }
+        if self.dino:  # the initial references and each layer's
+            ours[f"{prefix}.inter_references"] = torch.stack(references)
+        else:  # Co-Deformable: the initial ones apart, the positions from the proposals
+            ours[f"{prefix}.init_reference"] = references[0]
+            ours[f"{prefix}.inter_references"] = torch.stack(references[1:])
+            ours[f"{prefix}.dec_in.query_pos"] = run.queries.pos
         ours |= {
             f"{prefix}.neck.{level}.ch32": features[:, ::32]
             for level, features in enumerate(run.levels)

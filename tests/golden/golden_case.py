@@ -28,12 +28,9 @@ GOLDEN_DIR = Path(os.environ.get("DETRKIT_GOLDEN_DIR", SHIPPED_DIR)).resolve()
 _NOT_CASES = {"inputs.json"}
 
 # Formats whose runner is not built yet, with what is missing (docs/golden.md).
-_CODETR_MISSING = (
-    "Co-Deformable-DETR cases need the collaborative hybrid assignment scheme (Co-DETR, #14; "
-    "not built yet)"
-)
-# Co-DINO cases have their own runner: the mmdetection layout has no official ``args``.
-_CODETR_ELSEWHERE = "Co-DINO cases run in tests/golden/test_codetr_dino.py"
+# Co-DETR cases have their own runners: the mmdetection layout has no official ``args``.
+_CODETR_DINO = "Co-DINO cases run in tests/golden/test_codetr_dino.py"
+_CODETR_DEFORMABLE = "Co-Deformable-DETR cases run in tests/golden/test_codetr_deformable.py"
 _HF_MISSING = "transformers cases need the Hugging Face transformers importer (not built yet)"
 
 
@@ -70,7 +67,7 @@ def case_format(spec: dict) -> CaseFormat:
     if isinstance(reference, dict) and reference.get("repo") == "Sense-X/Co-DETR":
         head = spec.get("config", {}).get("model", {}).get("query_head", {})
         dino = head.get("type") == "CoDINOHead"
-        return CaseFormat("codetr", _CODETR_ELSEWHERE if dino else _CODETR_MISSING)
+        return CaseFormat("codetr", _CODETR_DINO if dino else _CODETR_DEFORMABLE)
     if "repo" in spec and "args" in spec:
         if source_for_repo(spec["repo"]) is None:
             return CaseFormat("official", f"repo '{spec['repo']}' is not supported by detrkit yet")

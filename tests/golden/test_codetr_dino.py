@@ -12,12 +12,11 @@ denoising ones, so their training outputs equal the eval ones (to ~3e-6). The tr
 is compared with the recorded denoising draws replayed: the denoising queries, attention mask
 and decoder inputs, the training outputs (denoising queries first, as recorded) and every
 query-head loss (encoder, decoder layers, denoising). The dense auxiliary heads are #14.
-Co-Deformable-DETR cases are skipped until Co-DETR's collaborative scheme exists (#14).
+Co-Deformable-DETR cases run in ``test_codetr_deformable.py``.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -26,8 +25,8 @@ import torch
 from detrkit.config.build import build_criterion
 from detrkit.losses.quality_focal import QualityFocalTerm
 from detrkit.structures import DetectorOutput
-from tests.golden.codetr_case import CodetrCase
-from tests.golden.golden_case import GOLDEN_DIR, case_format, case_id, list_cases
+from tests.golden.codetr_case import CodetrCase, assert_pairs, codetr_cases, official_loss_name
+from tests.golden.golden_case import GOLDEN_DIR, list_cases
 
 OUTPUT_TOL = dict(atol=1e-4, rtol=1e-4)
 LOSS_TOL = dict(atol=0.0, rtol=1e-5)
@@ -37,37 +36,10 @@ F64_TOL = dict(atol=1e-5, rtol=1e-5)
 AUXILIARY_ONLY = ("eval.f32.mid.x_enc.",)
 
 
-def _codetr_cases() -> list:
-    found = []
-    for path in list_cases():
-        spec = json.loads(path.read_text())
-        try:
-            fmt = case_format(spec)
-        except ValueError:
-            continue
-        if fmt.name == "codetr":
-            dino = spec["config"]["model"]["query_head"]["type"] == "CoDINOHead"
-            marks = [] if dino else [pytest.mark.skip(reason=f"{case_id(path)}: {fmt.missing}")]
-            found.append(pytest.param(path, id=case_id(path), marks=marks))
-    return found or [pytest.param(None, marks=pytest.mark.skip(reason="no Co-DETR cases"))]
-
-
-@pytest.fixture(scope="module", params=_codetr_cases())
+@pytest.fixture(scope="module", params=codetr_cases(dino=True))
 def case(request) -> CodetrCase:
     path: Path = request.param
     return CodetrCase.load(path)
-
-
-def _assert_pairs(pairs: dict, tolerance: dict) -> int:
-    """Integer tensors exactly, float tensors within ``tolerance``; -> how many compared."""
-    for name, (ours, theirs) in pairs.items():
-        assert ours.shape == theirs.shape, f"{name}: shape {ours.shape} vs {theirs.shape}"
-        if not theirs.is_floating_point():
-            assert torch.equal(ours.to(theirs.dtype), theirs), f"{name}: {ours} vs {theirs}"
-        else:
-            assert ours.dtype == theirs.dtype, f"{name}: dtype {ours.dtype} vs {theirs.dtype}"
-            torch.testing.assert_close(ours, theirs, **tolerance, msg=lambda m, n=name: f"{n}: {m}")
-    return len(pairs)
 
 
 def test_golden_dir_has_codetr_cases():
@@ -103,7 +75,7 @@ def test_conversion_drops_only_the_auxiliary_heads(case: CodetrCase):
 
 
 def test_eval_outputs(case: CodetrCase):
-    assert _assert_pairs(case.output_pairs("f32"), OUTPUT_TOL) == 4
+    assert assert_pairs(case.output_pairs("f32"), OUTPUT_TOL) == 4
 
 
 def test_two_stage_selection_is_exact(case: CodetrCase):
@@ -113,21 +85,21 @@ def test_two_stage_selection_is_exact(case: CodetrCase):
 
 
 def test_eval_intermediates(case: CodetrCase):
-    assert _assert_pairs(case.mid_pairs("f32"), OUTPUT_TOL) >= 6
+    assert assert_pairs(case.mid_pairs("f32"), OUTPUT_TOL) >= 6
 
 
 def test_postprocess_with_soft_nms(case: CodetrCase):
     pairs = case.post_pairs("f32")
     recorded = {n for n in case.tensors if n.startswith(("eval.f32.post.", "eval.f32.result."))}
     assert recorded and set(pairs) == recorded, sorted(recorded ^ set(pairs))
-    _assert_pairs(pairs, OUTPUT_TOL)
+    assert_pairs(pairs, OUTPUT_TOL)
 
 
 def test_float64_eval(case: CodetrCase):
     pairs = case.output_pairs("f64") | case.mid_pairs("f64") | case.post_pairs("f64")
     recorded = {n for n in case.tensors if n.startswith("eval.f64.")}
     assert set(pairs) == recorded, sorted(recorded ^ set(pairs))
-    _assert_pairs(pairs, F64_TOL)
+    assert_pairs(pairs, F64_TOL)
 
 
 def test_every_recorded_eval_tensor_is_compared(case: CodetrCase):
@@ -137,25 +109,6 @@ def test_every_recorded_eval_tensor_is_compared(case: CodetrCase):
     recorded = {name for name in case.tensors if name.startswith("eval.")}
     left = {name for name in recorded - compared if not name.startswith(AUXILIARY_ONLY)}
     assert not left, sorted(left)
-
-
-# mmdet loss names of the one-to-one groups -> (detrkit group, term); layer from the prefix.
-_TERMS = {"cls": "cls", "bbox": "l1", "iou": "giou"}
-
-
-def _official_name(name: str, num_layers: int) -> str | None:
-    """mmdet names of the query head's losses -> detrkit term names (None: auxiliary heads)."""
-    layer, _, rest = name.rpartition(".")
-    group = "main"
-    if rest.startswith("enc_loss_"):
-        group, rest = "enc", rest.removeprefix("enc_")
-    elif rest.startswith("dn_loss_"):
-        group, rest = "dn", rest.removeprefix("dn_")
-    term = rest.removeprefix("loss_")
-    if term not in _TERMS or (group == "enc" and layer):
-        return None
-    index = int(layer[1:]) if layer else (0 if group == "enc" else num_layers - 1)
-    return f"{group}/{_TERMS[term]}/d{index}"
 
 
 def test_one_to_one_losses_of_the_eval_outputs(case: CodetrCase):
@@ -169,7 +122,7 @@ def test_one_to_one_losses_of_the_eval_outputs(case: CodetrCase):
     recorded = case.spec["runs"]["f32"]["losses"]
     compared = 0
     for official, value in recorded.items():
-        name = _official_name(official, case.config.decoder.num_layers)
+        name = official_loss_name(official, case.config.decoder.num_layers)
         if name is None or name.startswith("dn/"):  # the eval pass decodes no denoising
             continue
         # mmdet reports weighted values; detrkit's terms are unweighted.
@@ -263,7 +216,7 @@ def test_training_losses_with_the_replayed_draws(case: CodetrCase, training):
     recorded = case.spec["runs"]["f32"]["losses"]
     compared = {"main": 0, "enc": 0, "dn": 0}
     for official, value in recorded.items():
-        name = _official_name(official, case.config.decoder.num_layers)
+        name = official_loss_name(official, case.config.decoder.num_layers)
         if name is None:
             continue
         got = losses.terms[name].detach() * losses.weights[name]

@@ -40,7 +40,6 @@ CASE_DIR = GOLDEN_DIR / "codetr"
 CASES = ("co_dino_r18_5scale", "co_deformable_detr_r18")
 FLOAT_TOL = dict(rtol=1e-5, atol=0.0)
 LOSS_RTOL = 1e-4
-NO_MODEL = "Co-Deformable-DETR has no detrkit model yet (#14): its encoder memory is unavailable"
 
 
 @dataclass
@@ -298,11 +297,9 @@ class Maps:
 
 @pytest.fixture(scope="module", params=CASES)
 def dino(request) -> Maps:
-    """The case's x_enc from detrkit's model of it, and both heads with its weights (Co-DINO
-    only: detrkit has no Co-Deformable-DETR model yet)."""
+    """The case's x_enc from detrkit's model of it (Co-DINO or Co-Deformable-DETR), and both
+    heads with its weights."""
     recorded = _load(request.param)
-    if recorded.model["query_head"]["type"] != "CoDINOHead":
-        pytest.skip(NO_MODEL)
     from tests.golden.codetr_case import CodetrCase
     from tests.golden.golden_case import official_state_dict
 

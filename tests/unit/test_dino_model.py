@@ -172,8 +172,8 @@ def test_codetr_config_refuses_what_it_cannot_build():
     assert cfg.queries.kind == "dino" and cfg.loss.class_loss == "quality_focal"
     assert cfg.soft_nms.iou_threshold == 0.8 and cfg.top_k == 300 and cfg.clip_boxes
     other = copy.deepcopy(model)
-    other["query_head"]["type"] = "CoDeformDETRHead"
-    with pytest.raises(UserError, match="#14"):
+    other["query_head"]["type"] = "DETRHead"
+    with pytest.raises(UserError, match="'DETRHead' is not supported"):
         codetr_model_config(other)
     hard = copy.deepcopy(model)
     hard["query_head"]["test_cfg"]["nms"] = {"type": "nms", "iou_threshold": 0.5}

@@ -1,0 +1,255 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Golden conformance of Co-DINO's whole training step (``cases/codetr``): detrkit's DINO of
+the case with the ``collaborative`` scheme beside denoising, every official weight loaded
+strictly (``convert_codetr(..., with_collaborative=True)``), the whole RNG tape replayed.
+
+The tape is split per consumer: the denoising draws (context "dn") go to the denoising
+scheme, every other draw, in recorded order (RPN sampler per image, RoI sampler per image,
+then ``get_aux_targets`` of aux head 0 and 1), to the collaborative scheme. Compared: every
+one of the recorded losses by official name (``acc0`` is no loss), the total, and the
+recorded ``train.f32.aux{h}.*`` tensors (candidates, selection, positive-query targets,
+decoder inputs and outputs). Co-Deformable-DETR has no detrkit model yet (#14).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from detrkit.config.build import build_criterion, build_model
+from detrkit.config.scheme_settings import SchemeSettings
+from detrkit.convert.codetr import convert_codetr
+from detrkit.schemes.collaborative import ATSSOptions, CollaborativeConfig, RPNRoIOptions
+from detrkit.schemes.randomness import RandomSource, ReplayedDraws
+from tests.golden.codetr_case import CodetrCase
+from tests.golden.golden_case import GOLDEN_DIR, official_state_dict
+
+CASE = GOLDEN_DIR / "codetr" / "co_dino_r18_5scale.json"
+LOSS_RTOL = 1e-4
+OUTPUT_TOL = dict(atol=1e-4, rtol=1e-4)
+_TERMS = {"cls": "cls", "bbox": "l1", "iou": "giou"}
+
+
+def collaborative_options(model: dict) -> CollaborativeConfig:
+    """The scheme's options from an official Co-DINO mmdet ``config.model`` (RoI head 0 +
+    ATSS head 0), with the weights divided back by ``num_dec_layer x lambda_2``."""
+    head = model["query_head"]
+    rpn, roi, atss = model["rpn_head"], model["roi_head"][0], model["bbox_head"][0]
+    train_rpn, train_rcnn = model["train_cfg"][1]["rpn"], model["train_cfg"][1]["rcnn"]
+    proposal = model["train_cfg"][1]["rpn_proposal"]
+    layers = head["transformer"]["decoder"]["num_layers"]
+    lambda_2 = rpn["loss_cls"]["loss_weight"] / layers
+    scale = layers * lambda_2
+    anchors, bbox = rpn["anchor_generator"], roi["bbox_head"]
+    rpn_roi = RPNRoIOptions(
+        strides=tuple(anchors["strides"]),
+        ratios=tuple(anchors["ratios"]),
+        octave_base_scale=anchors["octave_base_scale"],
+        scales_per_octave=anchors["scales_per_octave"],
+        rpn_pos_iou=train_rpn["assigner"]["pos_iou_thr"],
+        rpn_neg_iou=train_rpn["assigner"]["neg_iou_thr"],
+        rpn_min_pos_iou=train_rpn["assigner"]["min_pos_iou"],
+        rpn_samples=train_rpn["sampler"]["num"],
+        rpn_pos_fraction=train_rpn["sampler"]["pos_fraction"],
+        nms_pre=proposal["nms_pre"],
+        max_proposals=proposal["max_per_img"],
+        nms_iou=proposal["nms"]["iou_threshold"],
+        roi_strides=tuple(roi["bbox_roi_extractor"]["featmap_strides"]),
+        finest_scale=roi["bbox_roi_extractor"]["finest_scale"],
+        fc_channels=bbox["fc_out_channels"],
+        roi_size=bbox["roi_feat_size"],
+        roi_iou=train_rcnn["assigner"]["pos_iou_thr"],
+        roi_samples=train_rcnn["sampler"]["num"],
+        roi_pos_fraction=train_rcnn["sampler"]["pos_fraction"],
+        rpn_cls_weight=rpn["loss_cls"]["loss_weight"] / scale,
+        rpn_bbox_weight=rpn["loss_bbox"]["loss_weight"] / scale,
+        roi_cls_weight=bbox["loss_cls"]["loss_weight"] / scale,
+        roi_bbox_weight=bbox["loss_bbox"]["loss_weight"] / scale,
+    )
+    atss_options = ATSSOptions(
+        strides=tuple(atss["anchor_generator"]["strides"]),
+        stacked_convs=atss["stacked_convs"],
+        octave_base_scale=atss["anchor_generator"]["octave_base_scale"],
+        topk=atss["train_cfg"]["assigner"]["topk"],
+        cls_weight=atss["loss_cls"]["loss_weight"] / scale,
+        bbox_weight=atss["loss_bbox"]["loss_weight"] / scale,
+        centerness_weight=atss["loss_centerness"]["loss_weight"] / scale,
+    )
+    return CollaborativeConfig(
+        rpn_roi=rpn_roi,
+        atss=atss_options,
+        lambda_2=lambda_2,
+        max_pos_coords=head.get("max_pos_coords", 300),
+        with_pos_coord=head["transformer"].get("with_pos_coord", True),
+    )
+
+
+def official_to_detrkit(name: str, num_layers: int) -> str | None:
+    """An official loss name (per-level lists flattened ``name.{l}``) -> detrkit's; None for
+    ``acc0``."""
+    if name == "acc0":
+        return None
+    prefix, _, rest = name.rpartition(".")
+    dense = {
+        "loss_rpn_cls": "aux0/rpn_cls",
+        "loss_rpn_bbox": "aux0/rpn_bbox",
+        "loss_cls1": "aux1/atss_cls",
+        "loss_bbox1": "aux1/atss_bbox",
+        "loss_centerness1": "aux1/atss_centerness",
+    }
+    if prefix in dense:
+        return f"{dense[prefix]}/l{rest}"
+    if name in ("loss_cls0", "loss_bbox0"):
+        return {"loss_cls0": "aux0/roi_cls", "loss_bbox0": "aux0/roi_bbox"}[name]
+    group = "main"
+    if rest.startswith("enc_loss_"):
+        group, rest = "enc", rest.removeprefix("enc_")
+    elif rest.startswith("dn_loss_"):
+        group, rest = "dn", rest.removeprefix("dn_")
+    elif "_aux" in rest:
+        rest, _, head = rest.partition("_aux")
+        group = f"aux{head}"
+    term = _TERMS[rest.removeprefix("loss_")]
+    layer = int(prefix[1:]) if prefix else (0 if group == "enc" else num_layers - 1)
+    return f"{group}/{term}/d{layer}"
+
+
+class Step:
+    """One training forward of the case with the tape replayed, and what it saw."""
+
+    def __init__(self) -> None:
+        if not CASE.exists() or not CASE.with_suffix(".safetensors").exists():
+            pytest.skip(f"golden case {CASE.name} is absent")
+        case = CodetrCase.load(CASE)
+        mmdet = case.spec["config"]["model"]
+        schemes = dict(case.config.schemes)
+        schemes["collaborative"] = collaborative_options(mmdet)
+        self.config = replace(case.config, schemes=SchemeSettings(schemes))
+        state = official_state_dict(case.spec, CASE.parent)
+        self.conversion = convert_codetr(state, mmdet, with_collaborative=True)
+        torch.manual_seed(0)
+        model = build_model(self.config)
+        model.load_state_dict(self.conversion.state_dict, strict=True)
+        self.case, self.model = case, model
+        self.selections, self.decoder_inputs = [], []
+        self.output = self._run()
+
+    def _draws(self, dn: bool) -> list[torch.Tensor]:
+        calls = self.case.spec["runs"]["f32"]["rng_calls"]
+        chosen = [c for c in calls if (c["context"] == "dn") == dn]
+        return [self.case.tensors[f"train.f32.{c['tensor']}"] for c in chosen]
+
+    def _run(self):
+        model = self.model
+        dn, collab = model.schemes["denoising"], model.schemes["collaborative"]
+        dn.random, collab.random = (
+            ReplayedDraws(self._draws(True)),
+            ReplayedDraws(self._draws(False)),
+        )
+        select = collab.select
+
+        def recording_select(found, sizes):
+            chosen = select(found, sizes)
+            self.selections.append((found, chosen))
+            return chosen
+
+        collab.select = recording_select
+        hook = model.decoder.register_forward_hook(
+            lambda module, args, out: self.decoder_inputs.append(args[0])
+        )
+        try:
+            model.train()
+            output = model(self.case.batch(), self.case.targets())
+            self.remaining = (dn.random.remaining, collab.random.remaining)
+        finally:
+            hook.remove()
+            del collab.select
+            dn.random, collab.random = RandomSource(), RandomSource()
+            model.eval()
+        return output
+
+
+@pytest.fixture(scope="module")
+def step() -> Step:
+    return Step()
+
+
+def test_conversion_keeps_every_key(step: Step):
+    """Only the backbone's BatchNorm step counters are dropped (frozen BN keeps none)."""
+    conversion = step.conversion
+    assert conversion.clean, conversion.describe()
+    assert all(k.endswith("num_batches_tracked") for k in conversion.dropped), conversion.dropped
+
+
+def test_the_whole_tape_is_used(step: Step):
+    assert step.remaining == (0, 0)
+
+
+def test_candidates_and_selection_match_recording(step: Step):
+    tensors = step.case.tensors
+    assert len(step.selections) == 2
+    for head, (found, chosen) in enumerate(step.selections):
+        prefix = f"train.f32.aux{head}"
+        for image in range(len(found.coords)):
+            assert torch.equal(chosen.selected[image], tensors[f"{prefix}.selected.{image}"])
+            cand = f"{prefix}.cand.{image}"
+            assert torch.equal(found.labels[image], tensors[f"{cand}.labels"])
+            for name in ("coords", "targets"):
+                ours = getattr(found, name)[image].detach()
+                torch.testing.assert_close(ours, tensors[f"{cand}.{name}"], rtol=1e-5, atol=1e-3)
+        assert torch.equal(chosen.labels, tensors[f"{prefix}.labels"])
+        torch.testing.assert_close(
+            chosen.coords.detach(), tensors[f"{prefix}.coords"], **OUTPUT_TOL
+        )
+        torch.testing.assert_close(chosen.targets, tensors[f"{prefix}.targets"], **OUTPUT_TOL)
+        positive = torch.zeros_like(chosen.labels, dtype=torch.bool)
+        for image, count in enumerate(chosen.num_positive):
+            positive[image, :count] = True
+        bbox_weights = tensors[f"{prefix}.bbox_weights"]
+        assert torch.equal(bbox_weights, positive[..., None].float().expand_as(bbox_weights))
+
+
+def test_positive_query_passes_match_recording(step: Step):
+    tensors = step.case.tensors
+    passes = step.decoder_inputs[1:]
+    assert [p.groups[0].name for p in passes] == ["aux0", "aux1"]
+    for head, queries in enumerate(passes):
+        prefix = f"train.f32.aux{head}"
+        torch.testing.assert_close(
+            queries.content.detach(), tensors[f"{prefix}.dec_in.query"], **OUTPUT_TOL
+        )
+        torch.testing.assert_close(
+            queries.reference.detach(), tensors[f"{prefix}.dec_in.reference_points"], **OUTPUT_TOL
+        )
+        group = step.output.group(f"aux{head}")
+        assert not group.at_inference
+        torch.testing.assert_close(
+            group.logits.detach(), tensors[f"{prefix}.out.cls_scores"], **OUTPUT_TOL
+        )
+        torch.testing.assert_close(
+            group.boxes.detach(), tensors[f"{prefix}.out.bbox_preds"], **OUTPUT_TOL
+        )
+
+
+def test_every_loss_and_the_total_match_recording(step: Step):
+    criterion = build_criterion(step.config)
+    losses = criterion(step.output, step.case.targets())
+    run = step.case.spec["runs"]["f32"]
+    layers = step.config.decoder.num_layers
+    compared, worst = set(), 0.0
+    for official, value in run["losses"].items():
+        name = official_to_detrkit(official, layers)
+        if name is None:
+            continue
+        got = (losses.terms[name].detach() * losses.weights[name]).item()
+        error = abs(got - value) / abs(value) if value != 0 else abs(got)
+        assert error <= LOSS_RTOL, f"{official} ({name}): {got} vs {value} ({error:.2e})"
+        worst = max(worst, error)
+        compared.add(name)
+    assert len(compared) == len(run["losses"]) - 1 == 71
+    assert compared == set(losses.terms), set(losses.terms) ^ compared
+    total = losses.total.item()
+    assert abs(total - run["total_loss"]) <= LOSS_RTOL * abs(run["total_loss"])
+    assert run["log_vars"]["loss"] == run["total_loss"]
