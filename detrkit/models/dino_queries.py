@@ -13,8 +13,7 @@ from torch import Tensor, nn
 from detrkit.layers.ffn import MLP
 from detrkit.models.heads import PRIOR_PROB
 from detrkit.models.queries import MAIN_GROUP
-from detrkit.models.two_stage import ENCODER_GROUP, encoder_proposals
-from detrkit.ops.boxes import at_least_float32
+from detrkit.models.two_stage import ENCODER_GROUP, score_tokens
 from detrkit.structures import (
     EncoderMemory,
     PredictionGroup,
@@ -78,17 +77,7 @@ class DinoQuerySelector(nn.Module):
             box logits [B, S, 4] (inverse-sigmoid cxcywh; +inf on padding and invalid
             anchors) and anchor logits [B, S, 4], all at least float32.
         """
-        if total > memory.tokens.shape[1]:
-            raise ValueError(
-                f"query selection needs {total} proposals but the images give only "
-                f"{memory.tokens.shape[1]} encoder tokens; use larger images or fewer queries"
-            )
-        proposal_logits, valid = encoder_proposals(memory)
-        hidden = memory.tokens.masked_fill(memory.padding_mask[..., None], 0.0)
-        hidden = self.enc_output_norm(self.enc_output(hidden.masked_fill(~valid, 0.0)))
-        logits = at_least_float32(self.class_embed(hidden))
-        proposal_logits = proposal_logits.to(logits.dtype)
-        coords_logit = at_least_float32(self.bbox_embed(hidden)) + proposal_logits
+        logits, coords_logit, proposal_logits = score_tokens(self, memory, total)
         # Padding and invalid tokens are ranked too (all alike), as in the original.
         top = torch.topk(logits.max(-1).values, total, dim=1).indices
         return top, logits, coords_logit, proposal_logits

@@ -72,6 +72,29 @@ def proposal_sine_embedding(proposal_logits: Tensor, dim: int) -> Tensor:
     return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
 
 
+def score_tokens(heads: nn.Module, memory: EncoderMemory, total: int) -> tuple[Tensor, ...]:
+    """Every encoder token as a proposal, scored by ``heads`` (its ``enc_output``,
+    ``enc_output_norm``, ``class_embed`` and ``bbox_embed``), for a selection of ``total``.
+
+    Returns:
+        logits [B, S, C], box logits [B, S, 4] (inverse-sigmoid cxcywh; +inf on padding and
+        invalid anchors) and anchor logits [B, S, 4], all at least float32.
+    """
+    if total > memory.tokens.shape[1]:
+        raise ValueError(
+            f"query selection needs {total} proposals but the images give only "
+            f"{memory.tokens.shape[1]} encoder tokens; use larger images or fewer queries"
+        )
+    proposal_logits, valid = encoder_proposals(memory)
+    hidden = memory.tokens.masked_fill(memory.padding_mask[..., None], 0.0)
+    hidden = heads.enc_output_norm(heads.enc_output(hidden.masked_fill(~valid, 0.0)))
+    # Ranking and box arithmetic in float32 even under autocast: bf16 ties many scores.
+    logits = at_least_float32(heads.class_embed(hidden))
+    proposal_logits = proposal_logits.to(logits.dtype)
+    coords_logit = at_least_float32(heads.bbox_embed(hidden)) + proposal_logits
+    return logits, coords_logit, proposal_logits
+
+
 class TwoStageQuerySelector(nn.Module):
     """Score every encoder token as a class-agnostic proposal and keep the top-k as queries.
 
@@ -120,18 +143,7 @@ class TwoStageQuerySelector(nn.Module):
             box logits [B, S, 4] (inverse-sigmoid cxcywh; +inf on padding and invalid
             anchors) and anchor logits [B, S, 4], all at least float32.
         """
-        if total > memory.tokens.shape[1]:
-            raise ValueError(
-                f"two-stage selection needs {total} proposals but the images give only "
-                f"{memory.tokens.shape[1]} encoder tokens; use larger images or fewer queries"
-            )
-        proposal_logits, valid = encoder_proposals(memory)
-        hidden = memory.tokens.masked_fill(memory.padding_mask[..., None], 0.0)
-        hidden = self.enc_output_norm(self.enc_output(hidden.masked_fill(~valid, 0.0)))
-        # Ranking and box arithmetic in float32 even under autocast: bf16 ties many scores.
-        logits = at_least_float32(self.class_embed(hidden))
-        proposal_logits = proposal_logits.to(logits.dtype)
-        coords_logit = at_least_float32(self.bbox_embed(hidden)) + proposal_logits
+        logits, coords_logit, proposal_logits = score_tokens(self, memory, total)
         top = torch.topk(logits[..., 0], total, dim=1)[1]
         return top, logits, coords_logit, proposal_logits
 
