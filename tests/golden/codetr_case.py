@@ -43,8 +43,9 @@ DTYPES = {"f32": torch.float32, "f64": torch.float64}
 DINO_HEAD = "CoDINOHead"
 
 
-def codetr_cases(dino: bool) -> list:
-    """pytest params of the Co-DINO (``dino``) or the Co-Deformable-DETR cases."""
+def codetr_cases(dino: bool | None = None) -> list:
+    """pytest params of the Co-DINO (``dino``), the Co-Deformable-DETR (not ``dino``) or all
+    (None) Co-DETR cases."""
     found = []
     for path in list_cases():
         spec = json.loads(path.read_text())
@@ -52,9 +53,9 @@ def codetr_cases(dino: bool) -> list:
             fmt = case_format(spec)
         except ValueError:
             continue
-        if fmt.name == "codetr" and (_head_type(spec) == DINO_HEAD) == dino:
+        if fmt.name == "codetr" and (dino is None or (_head_type(spec) == DINO_HEAD) == dino):
             found.append(pytest.param(path, id=case_id(path)))
-    kind = "Co-DINO" if dino else "Co-Deformable-DETR"
+    kind = {None: "Co-DETR", True: "Co-DINO", False: "Co-Deformable-DETR"}[dino]
     return found or [pytest.param(None, marks=pytest.mark.skip(reason=f"no {kind} cases"))]
 
 
