@@ -7,8 +7,9 @@ only train).
 
 Compared here, beyond what ``test_codetr_eval.py`` checks for every Co-DETR case: the model's
 parts, the decoder's inputs, states and references, the neck and encoder maps, the content
-queries, and the one-to-one losses of the eval outputs (the class-agnostic encoder proposals and every decoder
-layer, sigmoid focal + L1 + GIoU): the recorded training outputs are bitwise those of the eval.
+queries, and the one-to-one losses of the eval outputs (the class-agnostic encoder proposals
+and every decoder layer, sigmoid focal + L1 + GIoU): the recorded training outputs are bitwise
+those of the eval.
 """
 
 from __future__ import annotations
