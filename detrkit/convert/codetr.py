@@ -40,7 +40,7 @@ AUXILIARY_RULES = (
     RenameRule(rf"{_HEAD}\.head_pos_embed\.weight", None),
     RenameRule(r"query_head\.downsample\..+", None),
 )
-# Co-DINO's collaborative parts -> the ``collaborative`` scheme (official heads: RoI head 0,
+# Co-DETR's collaborative parts -> the ``collaborative`` scheme (official heads: RoI head 0,
 # ATSS ``bbox_head.0``); put before AUXILIARY_RULES (the first matching rule wins).
 _SCHEME = "schemes.collaborative"
 COLLABORATIVE_RULES = (
@@ -50,6 +50,9 @@ COLLABORATIVE_RULES = (
     RenameRule(
         rf"{_HEAD}\.aux_pos_trans(_norm)?\.(\d+)\.{_WB}", rf"{_SCHEME}.aux_pos_trans\1.\2.\3"
     ),
+    # Co-Deformable-DETR's positive-query feature projections and per-head scalar offsets.
+    RenameRule(rf"{_HEAD}\.pos_feats_(trans|norm)\.(\d+)\.{_WB}", rf"{_SCHEME}.pos_feats_\1.\2.\3"),
+    RenameRule(rf"{_HEAD}\.head_pos_embed\.weight", f"{_SCHEME}.head_pos_embed.weight"),
 )
 BACKBONE_RULES = (
     # FrozenBatchNorm2d keeps no step counter.

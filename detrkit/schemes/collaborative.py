@@ -11,10 +11,15 @@ Per training step (the official order of the random draws):
 3. per auxiliary head h and image, ``n = max(9, min(max_pos_coords, most positives of an
    image))`` candidates are kept: the positives (a random subset when more than n) then random
    negatives to pad to n (Co-DETR's ``get_aux_targets``);
-4. the kept boxes (cxcywh normalised by the image size) become queries: content =
-   ``aux_pos_trans_norm[h](aux_pos_trans[h](sine(box)))``, reference = the box; they are
-   decoded in their own pass as group ``aux{h}`` whose positives are assigned their
-   head's targets (``FixedAssignment`` with explicit targets), the rest "no object".
+4. the kept boxes (cxcywh normalised by the image size) become queries, reference = the box;
+   ``positive_query="dino"`` (Co-DINO): content = ``aux_pos_trans_norm[h](aux_pos_trans[h](
+   sine(box)))``, the decoder derives the positions from the boxes; ``"deformable"``
+   (Co-Deformable-DETR): the 2D-wide ``aux_pos_trans_norm[h](aux_pos_trans[h](sine(box)))``
+   splits into (pos, content), content += ``pos_feats_norm[h](pos_feats_trans[h](feature))``
+   (the candidate's RoIAlign mean / memory vector), pos += the scalar ``head_pos_embed[h]``,
+   constant over the layers. They are decoded in their own pass as group ``aux{h}`` whose
+   positives are assigned their head's targets (``FixedAssignment`` with explicit
+   targets), the rest "no object".
 
 Loss names (official mmdet name -> detrkit name; ``{l}`` = feature level, ``{d}`` = decoder
 layer, the last layer being the official name without ``d`` prefix):
@@ -30,7 +35,7 @@ layer, the last layer being the official name without ``d`` prefix):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +50,7 @@ from detrkit.models.dense.multiscale import MemoryPyramid
 from detrkit.models.dense.positive_queries import (
     Candidates,
     PositiveQueries,
+    anchor_candidates,
     roi_candidates,
     select_positive_queries,
 )
@@ -123,6 +129,10 @@ class CollaborativeConfig:
             multiplied by ``lambda_2 x`` the decoder's layer count.
         max_pos_coords: the most positive queries per image and head.
         with_pos_coord: decode the positive queries (False: dense losses only).
+        positive_query: how the positive queries are built: "dino" (Co-DINO: content from
+            the boxes, positions from the references in the decoder) or "deformable"
+            (Co-Deformable-DETR: (pos, content) from the boxes, plus the candidates'
+            features and a per-head scalar offset; constant positions).
     """
 
     rpn_roi: RPNRoIOptions | None = field(default_factory=RPNRoIOptions)
@@ -131,6 +141,7 @@ class CollaborativeConfig:
     lambda_2: float = 2.0
     max_pos_coords: int = 300
     with_pos_coord: bool = True
+    positive_query: str = "dino"
 
 
 def _renamed(losses: list[DenseLoss], names: dict[str, str]) -> list[DenseLoss]:
@@ -178,8 +189,15 @@ class Collaborative(TrainingScheme):
         if options.atss is not None:
             self.atss = _atss(dim, num_classes, options.atss, dense_scale, heads)
             heads += 1
-        self.aux_pos_trans = nn.ModuleList(nn.Linear(2 * dim, dim) for _ in range(heads))
-        self.aux_pos_trans_norm = nn.ModuleList(nn.LayerNorm(dim) for _ in range(heads))
+        self.deformable = options.positive_query == "deformable"
+        width = 2 * dim if self.deformable else dim
+        self.aux_pos_trans = nn.ModuleList(nn.Linear(2 * dim, width) for _ in range(heads))
+        self.aux_pos_trans_norm = nn.ModuleList(nn.LayerNorm(width) for _ in range(heads))
+        if self.deformable:
+            self.pos_feats_trans = nn.ModuleList(nn.Linear(dim, dim) for _ in range(heads))
+            self.pos_feats_norm = nn.ModuleList(nn.LayerNorm(dim) for _ in range(heads))
+            # [heads, 1]: one scalar per head (the official Embedding(heads, 1) layout).
+            self.head_pos_embed = nn.Embedding(heads, 1)
         self.dim, self.random = dim, RandomSource()
 
     def auxiliary(self, memory: EncoderMemory, targets: list[Target] | None) -> AuxiliaryResult:
@@ -203,7 +221,8 @@ class Collaborative(TrainingScheme):
             dense += _renamed(
                 roi_out.losses, {"roi/cls": f"aux{head}/roi_cls", "roi/bbox": f"aux{head}/roi_bbox"}
             )
-            candidates.append(roi_candidates(roi_out))
+            found = roi_candidates(roi_out)
+            candidates.append(found if self.deformable else replace(found, features=None))
         if self.atss is not None:
             head = len(candidates)
             out = self.atss(maps)
@@ -218,7 +237,10 @@ class Collaborative(TrainingScheme):
                 },
             )
             coords, labels, boxes = atss_targets.positive_coords()
-            candidates.append(Candidates(list(coords), list(labels), list(boxes)))
+            if self.deformable:
+                candidates.append(anchor_candidates(coords, labels, boxes, maps))
+            else:
+                candidates.append(Candidates(list(coords), list(labels), list(boxes)))
         passes = []
         if self.options.with_pos_coord:
             for head, found in enumerate(candidates):
@@ -234,12 +256,20 @@ class Collaborative(TrainingScheme):
         )
 
     def positive_pass(self, head: int, chosen: PositiveQueries, dtype: torch.dtype) -> QuerySet:
-        """The queries of head ``head``: content from the boxes' sine embedding, reference =
-        the boxes, supervised by the head's assignment."""
+        """The queries of head ``head``: content (and, "deformable", positions) from the
+        boxes' sine embedding, reference = the boxes, supervised by the head's assignment."""
         logits = inverse_sigmoid(chosen.coords)
-        content = self.aux_pos_trans_norm[head](
+        embedded = self.aux_pos_trans_norm[head](
             self.aux_pos_trans[head](proposal_sine_embedding(logits, self.dim).to(dtype))
         )
+        pos = None
+        if self.deformable:
+            pos, content = embedded.split(self.dim, dim=-1)
+            features = chosen.features.to(dtype)
+            content = content + self.pos_feats_norm[head](self.pos_feats_trans[head](features))
+            pos = pos + self.head_pos_embed.weight[head]
+        else:
+            content = embedded
         pairs, explicit = [], []
         for image, num_pos in enumerate(chosen.num_positive):
             index = torch.arange(num_pos, device=content.device)
@@ -250,8 +280,9 @@ class Collaborative(TrainingScheme):
         )
         group = QueryGroup(f"aux{head}", 0, 0, supervision=supervision)
         reference = chosen.coords  # box arithmetic stays float32 under autocast
-        empty = QuerySet(content[:, :0], None, reference[:, :0], ())
-        return empty.append(group, content, reference=reference)
+        empty_pos = None if pos is None else pos[:, :0]
+        empty = QuerySet(content[:, :0], empty_pos, reference[:, :0], ())
+        return empty.append(group, content, pos=pos, reference=reference)
 
 
 def _pixel_targets(targets: list[Target], sizes: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -322,12 +353,19 @@ def build(context: SchemeContext, options: CollaborativeConfig) -> Collaborative
 def check(model, options: CollaborativeConfig) -> None:
     if options.rpn_roi is None and options.atss is None:
         raise UserError("model.schemes.collaborative: set rpn_roi or atss (no auxiliary head)")
+    styles = {"dino": "from_reference", "deformable": "constant"}
+    if options.positive_query not in styles:
+        raise UserError(
+            "model.schemes.collaborative.positive_query must be one of "
+            f"{sorted(styles)}, not {options.positive_query!r}"
+        )
     if options.with_pos_coord:
-        if getattr(model.decoder, "query_pos", "constant") != "from_reference":
+        query_pos = styles[options.positive_query]
+        if getattr(model.decoder, "query_pos", "constant") != query_pos:
             raise UserError(
-                "model.schemes.collaborative decodes positive queries whose positions come "
-                "from their boxes (Co-DINO): set model.decoder.query_pos to from_reference, "
-                "or with_pos_coord to false"
+                f"model.schemes.collaborative.positive_query={options.positive_query} needs "
+                f"model.decoder.query_pos {query_pos} (dino: positions from the boxes; "
+                "deformable: constant positions), or with_pos_coord false"
             )
         if model.box_refine == "none":
             raise UserError(

@@ -8,7 +8,8 @@ scheme, every other draw, in recorded order (RPN sampler per image, RoI sampler 
 then ``get_aux_targets`` of aux head 0 and 1), to the collaborative scheme. Compared: every
 one of the recorded losses by official name (``acc0`` is no loss), the total, and the
 recorded ``train.f32.aux{h}.*`` tensors (candidates, selection, positive-query targets,
-decoder inputs and outputs). Co-Deformable-DETR has no detrkit model yet (#14).
+decoder inputs and outputs). Co-Deformable-DETR's training step:
+``test_codetr_collaborative_deformable.py``.
 """
 
 from __future__ import annotations

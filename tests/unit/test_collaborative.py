@@ -179,3 +179,54 @@ def test_config_checks_name_the_keys(overrides, message):
     with pytest.raises(UserError, match=message):
         cfg = load_config("dino_tiny", COLLABORATIVE + overrides).model
         build_model(cfg, 3)
+
+
+# Co-Deformable-DETR's positive queries on a tiny two-stage Deformable DETR (3 levels).
+DEFORMABLE = [
+    "model.schemes.collaborative.positive_query=deformable",
+    "model.schemes.collaborative.rpn_roi.strides=[8,16,32,64]",
+    "model.schemes.collaborative.rpn_roi.roi_strides=[8,16,32]",
+    "model.schemes.collaborative.rpn_roi.fc_channels=32",
+    "model.schemes.collaborative.rpn_roi.nms_pre=200",
+    "model.schemes.collaborative.rpn_roi.max_proposals=50",
+    "model.schemes.collaborative.atss.strides=[8,16,32,64]",
+    "model.encoder.num_layers=1",
+    "model.num_queries=8",
+]
+
+
+def test_deformable_positive_queries_train_with_constant_positions():
+    cfg = load_config("deformable_detr_tiny", DEFORMABLE).model
+    torch.manual_seed(0)
+    model = build_model(cfg, 3).train()
+    scheme = model.schemes["collaborative"]
+    assert scheme.head_pos_embed.weight.shape == (2, 1)
+    assert scheme.aux_pos_trans[0].weight.shape == (2 * 64, 2 * 64)
+    seen = []
+    hook = model.decoder.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    try:
+        output = model(_images(), _targets())
+    finally:
+        hook.remove()
+    assert len(seen) == 3
+    for head, queries in enumerate(seen[1:]):
+        assert queries.groups[0].name == f"aux{head}" and queries.pos is not None
+        assert queries.pos.shape == queries.content.shape
+    losses = build_criterion(cfg, 3)(output, _targets())
+    assert "aux1/cls/d1" in losses.terms and "aux0/roi_bbox" in losses.terms
+    losses.total.backward()
+    for name in ("pos_feats_trans", "head_pos_embed", "aux_pos_trans"):
+        grads = [p.grad for p in getattr(scheme, name).parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads), name
+
+
+@pytest.mark.parametrize(
+    "config, overrides, message",
+    [
+        ("dino_tiny", ["model.schemes.collaborative.positive_query=deformable"], "query_pos"),
+        ("dino_tiny", ["model.schemes.collaborative.positive_query=detr"], "positive_query"),
+    ],
+)
+def test_positive_query_style_is_checked(config, overrides, message):
+    with pytest.raises(UserError, match=message):
+        build_model(load_config(config, COLLABORATIVE + overrides).model, 3)

@@ -28,11 +28,14 @@ class Candidates:
         coords: per image [N_i, 4] xyxy pixels (anchors or sampled RoIs).
         labels: per image [N_i] int64, ``num_classes`` = background.
         targets: per image [N_i, 4] the assigned ground truth, xyxy pixels.
+        features: per image [N_i, D] each candidate's feature vector (Co-Deformable-DETR's
+            ``pos_feats``: RoIAlign mean of a RoI, the memory vector at an anchor), or None.
     """
 
     coords: list[Tensor]
     labels: list[Tensor]
     targets: list[Tensor]
+    features: list[Tensor] | None = None
 
 
 @dataclass
@@ -44,6 +47,7 @@ class PositiveQueries:
         num_positive: per image, how many of them are positives.
         coords, targets: [B, n, 4] cxcywh normalised by the image size.
         labels: [B, n] int64.
+        features: [B, n, D] the kept candidates' features, or None (candidates without).
     """
 
     selected: list[Tensor]
@@ -51,6 +55,7 @@ class PositiveQueries:
     coords: Tensor
     labels: Tensor
     targets: Tensor
+    features: Tensor | None = None
 
 
 def select_positive_queries(
@@ -93,7 +98,12 @@ def select_positive_queries(
         boxes.append(box_xyxy_to_cxcywh(found.targets[image][chosen] / factor))
         labels.append(label[chosen])
     stack = torch.stack
-    return PositiveQueries(selected, num_positive, stack(coords), stack(labels), stack(boxes))
+    features = None
+    if found.features is not None:
+        features = stack([f[index] for f, index in zip(found.features, selected)])
+    return PositiveQueries(
+        selected, num_positive, stack(coords), stack(labels), stack(boxes), features
+    )
 
 
 def _cycled(negatives: Tensor, count: int) -> Tensor:
@@ -107,14 +117,30 @@ def _cycled(negatives: Tensor, count: int) -> Tensor:
 
 
 def roi_candidates(out: RoITrainOutput) -> Candidates:
-    """The sampled RoIs of every image (positives first), their labels and box targets, the
-    first ``min(2000, fewest sampled of an image)`` of each (Co-DETR's ``pos_coords``)."""
+    """The sampled RoIs of every image (positives first), their labels, box targets and
+    mean-pooled features, the first ``min(2000, fewest sampled of an image)`` of each
+    (Co-DETR's ``pos_coords``)."""
     counts = [s.pos_inds.numel() + s.neg_inds.numel() for s in out.samplings]
     keep = min(MAX_ROI_CANDIDATES, min(counts))
     labels = out.targets.labels.split(counts)
     boxes = out.targets.boxes.split(counts)
+    features = None if out.features is None else [f[:keep] for f in out.features.split(counts)]
     return Candidates(
         [s.boxes[:keep] for s in out.samplings],
         [lab[:keep] for lab in labels],
         [b[:keep] for b in boxes],
+        features,
     )
+
+
+def anchor_candidates(
+    coords: Tensor, labels: Tensor, targets: Tensor, maps: list[Tensor]
+) -> Candidates:
+    """An anchor head's candidates (ATSS: anchors [B, N, 4], labels [B, N], targets
+    [B, N, 4]) with, per anchor, the feature vector of its location: ``maps`` [B, D, h, w]
+    flattened level by level, row-major, each location's vector repeated for its
+    ``N / locations`` anchors (Co-Deformable-DETR's ``get_aux_targets``)."""
+    vectors = torch.cat([m.flatten(2) for m in maps], 2).transpose(1, 2)
+    per_location = coords.shape[1] // vectors.shape[1]
+    vectors = vectors.repeat_interleave(per_location, dim=1)
+    return Candidates(list(coords), list(labels), list(targets), list(vectors))

@@ -103,6 +103,8 @@ class RoITrainOutput:
         rois: [K, 5] (image index, x1, y1, x2, y2) sampled RoIs.
         targets: the RoIs' targets.
         cls_score, bbox_pred: the head's outputs on the RoIs.
+        features: [K, C] the RoIs' RoIAlign features averaged over the S x S bins (what
+            Co-Deformable-DETR's positive queries start from), or None.
     """
 
     losses: list[DenseLoss]
@@ -113,6 +115,7 @@ class RoITrainOutput:
     targets: RoITargets
     cls_score: Tensor
     bbox_pred: Tensor
+    features: Tensor | None = None
 
 
 def cross_entropy_loss(logits: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
@@ -237,11 +240,13 @@ class RoIHead(nn.Module):
             proposals, gt_boxes, gt_labels, random or RandomSource()
         )
         rois = rois_of([s.boxes for s in samplings])
-        cls_score, bbox_pred = self.bbox_head(self.pool(maps, rois))
+        pooled = self.pool(maps, rois)
+        cls_score, bbox_pred = self.bbox_head(pooled)
         targets = self.targets(samplings)
         losses, accuracy = self.losses(cls_score, bbox_pred, rois, targets)
+        features = pooled.mean(-1).mean(-1)
         return RoITrainOutput(
-            losses, accuracy, assignments, samplings, rois, targets, cls_score, bbox_pred
+            losses, accuracy, assignments, samplings, rois, targets, cls_score, bbox_pred, features
         )
 
     def losses(

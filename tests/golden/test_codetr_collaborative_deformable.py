@@ -1,0 +1,176 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Golden conformance of Co-Deformable-DETR's whole training step (``cases/codetr``):
+detrkit's two-stage Deformable DETR of the case with the ``collaborative`` scheme
+(``positive_query="deformable"``), every official weight loaded strictly
+(``convert_codetr(..., with_collaborative=True)``), the whole RNG tape replayed by the scheme
+(RPN sampler per image, RoI sampler per image, then ``get_aux_targets`` of aux head 0 and 1;
+the case has no denoising).
+
+Compared: every recorded loss by official name (``acc0`` is no loss), the total, and the
+recorded ``train.f32.aux{h}.*`` tensors: candidates, selection, positive-query targets, the
+candidates' features, the decoder inputs (content, constant positions with the per-head
+scalar, references) and the positive-query outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from detrkit.config.build import build_criterion, build_model
+from detrkit.config.scheme_settings import SchemeSettings
+from detrkit.convert.codetr import convert_codetr
+from detrkit.schemes.randomness import RandomSource, ReplayedDraws
+from tests.golden.codetr_case import CodetrCase
+from tests.golden.golden_case import GOLDEN_DIR, official_state_dict
+from tests.golden.test_codetr_collaborative import collaborative_options, official_to_detrkit
+
+CASE = GOLDEN_DIR / "codetr" / "co_deformable_detr_r18.json"
+LOSS_RTOL = 1e-4
+OUTPUT_TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+class Step:
+    """One training forward of the case with the tape replayed, and what it saw."""
+
+    def __init__(self) -> None:
+        if not CASE.exists() or not CASE.with_suffix(".safetensors").exists():
+            pytest.skip(f"golden case {CASE.name} is absent")
+        case = CodetrCase.load(CASE)
+        mmdet = case.spec["config"]["model"]
+        schemes = dict(case.config.schemes)
+        options = replace(collaborative_options(mmdet), positive_query="deformable")
+        schemes["collaborative"] = options
+        self.config = replace(case.config, schemes=SchemeSettings(schemes))
+        state = official_state_dict(case.spec, CASE.parent)
+        self.conversion = convert_codetr(state, mmdet, with_collaborative=True)
+        torch.manual_seed(0)
+        model = build_model(self.config)
+        model.load_state_dict(self.conversion.state_dict, strict=True)
+        self.case, self.model = case, model
+        self.selections, self.decoder_inputs = [], []
+        self.output = self._run()
+
+    def _draws(self) -> list[torch.Tensor]:
+        calls = self.case.spec["runs"]["f32"]["rng_calls"]
+        assert all(c["context"] != "dn" for c in calls)
+        return [self.case.tensors[f"train.f32.{c['tensor']}"] for c in calls]
+
+    def _run(self):
+        model = self.model
+        collab = model.schemes["collaborative"]
+        collab.random = ReplayedDraws(self._draws())
+        select = collab.select
+
+        def recording_select(found, sizes):
+            chosen = select(found, sizes)
+            self.selections.append((found, chosen))
+            return chosen
+
+        collab.select = recording_select
+        hook = model.decoder.register_forward_hook(
+            lambda module, args, out: self.decoder_inputs.append(args[0])
+        )
+        try:
+            model.train()
+            output = model(self.case.batch(), self.case.targets())
+            self.remaining = collab.random.remaining
+        finally:
+            hook.remove()
+            del collab.select
+            collab.random = RandomSource()
+            model.eval()
+        return output
+
+
+@pytest.fixture(scope="module")
+def step() -> Step:
+    return Step()
+
+
+def test_conversion_keeps_every_key(step: Step):
+    """Only the backbone's BatchNorm step counters are dropped (frozen BN keeps none)."""
+    conversion = step.conversion
+    assert conversion.clean, conversion.describe()
+    assert all(k.endswith("num_batches_tracked") for k in conversion.dropped), conversion.dropped
+    head_pos = step.model.schemes["collaborative"].head_pos_embed.weight
+    assert head_pos.shape == (2, 1)
+
+
+def test_the_whole_tape_is_used(step: Step):
+    assert step.remaining == 0
+
+
+def test_candidates_selection_and_features_match_recording(step: Step):
+    tensors = step.case.tensors
+    assert len(step.selections) == 2
+    for head, (found, chosen) in enumerate(step.selections):
+        prefix = f"train.f32.aux{head}"
+        for image in range(len(found.coords)):
+            assert torch.equal(chosen.selected[image], tensors[f"{prefix}.selected.{image}"])
+            cand = f"{prefix}.cand.{image}"
+            assert torch.equal(found.labels[image], tensors[f"{cand}.labels"])
+            for name in ("coords", "targets"):
+                ours = getattr(found, name)[image].detach()
+                torch.testing.assert_close(ours, tensors[f"{cand}.{name}"], rtol=1e-5, atol=1e-3)
+        assert torch.equal(chosen.labels, tensors[f"{prefix}.labels"])
+        torch.testing.assert_close(
+            chosen.coords.detach(), tensors[f"{prefix}.coords"], **OUTPUT_TOL
+        )
+        torch.testing.assert_close(chosen.targets, tensors[f"{prefix}.targets"], **OUTPUT_TOL)
+        torch.testing.assert_close(
+            chosen.features.detach(), tensors[f"{prefix}.feats"], **OUTPUT_TOL
+        )
+        positive = torch.zeros_like(chosen.labels, dtype=torch.bool)
+        for image, count in enumerate(chosen.num_positive):
+            positive[image, :count] = True
+        bbox_weights = tensors[f"{prefix}.bbox_weights"]
+        assert torch.equal(bbox_weights, positive[..., None].float().expand_as(bbox_weights))
+        assert torch.equal(tensors[f"{prefix}.label_weights"], torch.ones_like(positive).float())
+
+
+def test_positive_query_passes_match_recording(step: Step):
+    tensors = step.case.tensors
+    passes = step.decoder_inputs[1:]
+    assert [p.groups[0].name for p in passes] == ["aux0", "aux1"]
+    for head, queries in enumerate(passes):
+        prefix = f"train.f32.aux{head}"
+        ours = {
+            "dec_in.query": queries.content,
+            "dec_in.query_pos": queries.pos,
+            "dec_in.reference_points": queries.reference,
+        }
+        group = step.output.group(f"aux{head}")
+        assert not group.at_inference
+        ours |= {"out.cls_scores": group.logits, "out.bbox_preds": group.boxes}
+        for name, value in ours.items():
+            torch.testing.assert_close(
+                value.detach(),
+                tensors[f"{prefix}.{name}"],
+                **OUTPUT_TOL,
+                msg=lambda m, n=f"{prefix}.{name}": f"{n}: {m}",
+            )
+
+
+def test_every_loss_and_the_total_match_recording(step: Step):
+    criterion = build_criterion(step.config)
+    losses = criterion(step.output, step.case.targets())
+    run = step.case.spec["runs"]["f32"]
+    layers = step.config.decoder.num_layers
+    compared, worst = set(), 0.0
+    for official, value in run["losses"].items():
+        name = official_to_detrkit(official, layers)
+        if name is None:
+            continue
+        got = (losses.terms[name].detach() * losses.weights[name]).item()
+        error = abs(got - value) / abs(value) if value != 0 else abs(got)
+        assert error <= LOSS_RTOL, f"{official} ({name}): {got} vs {value} ({error:.2e})"
+        worst = max(worst, error)
+        compared.add(name)
+    assert len(compared) == len(run["losses"]) - 1 == 48
+    assert compared == set(losses.terms), set(losses.terms) ^ compared
+    total = losses.total.item()
+    assert abs(total - run["total_loss"]) <= LOSS_RTOL * abs(run["total_loss"])
+    assert run["log_vars"]["loss"] == run["total_loss"]
