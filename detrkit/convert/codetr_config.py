@@ -5,9 +5,10 @@ record it under ``config.model``.
 
 Only the query head (the DETR part) is translated: Co-DINO's ``CoDINOHead`` (DINO) and
 Co-Deformable-DETR's ``CoDeformDETRHead`` (two-stage Deformable DETR with box refinement,
-mixed selection and look-forward-twice). The collaborative auxiliary heads
-(``rpn_head``, ``roi_head``, ``bbox_head``) are training-only and not supported yet (Co-DETR,
-#14); their weights are dropped by ``convert.codetr``.
+mixed selection and look-forward-twice). The collaborative auxiliary heads (``rpn_head``,
+``roi_head``, ``bbox_head``) are the training-only ``collaborative`` scheme, whose options
+``convert.codetr_source`` reads from the same config; ``convert.codetr`` drops their weights
+unless asked to keep them.
 """
 
 from __future__ import annotations

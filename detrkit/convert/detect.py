@@ -49,6 +49,12 @@ _DECODER = r"^transformer\.decoder\.layers\.\d+\."
 # Most specific first: the first signature a file has decides.
 SIGNATURES = (
     Signature(
+        "codetr",
+        frozenset({"codetr"}),
+        "Co-DETR's mmdet query head keys (query_head.*)",
+        _has_key(r"^query_head\."),
+    ),
+    Signature(
         "coat_deformable_detr",
         frozenset({"coat_deformable_detr"}),
         "CoaT backbone keys (backbone.0.backbone.cls_token*)",

@@ -55,11 +55,13 @@ def convert_official(
 ) -> ConversionResult:
     """Convert ``path`` (official layout) to a detrkit checkpoint at ``out``; strict throughout."""
     data = read_official_checkpoint(path)
-    state = data.get("model", data)
+    # mmdet files (Co-DETR) keep their weights under 'state_dict': read so that the family
+    # check names them.
+    state = data.get("model", data.get("state_dict", data))
     args = args_override or official_args(data)
+    check_family(source.name, tuple(state), args or {}, str(path))
     if args is None:
         raise UserError(f"{path} stores no 'args'; pass --args-json with the training arguments")
-    check_family(source.name, tuple(state), args, str(path))
     if source.check_state is not None:
         source.check_state(state, args)
     try:
