@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from detrkit.config.data_checks import validate_data_config
 from detrkit.config.schema import ExperimentConfig
 from detrkit.config.validate import (
     accepts,
@@ -310,4 +311,5 @@ def config_from_mapping(
         source = OVERRIDE_SOURCE
         config = config_from_dict(data, source=source)
     check_minimums(config, source)
+    validate_data_config(config.data, source)
     return config

@@ -310,6 +310,13 @@ class DataConfig:
             (less padding; the originals mix them).
         eval_group_by_size: evaluation batches hold images of one size only, so no image is
             padded and every prediction is the same at any ``eval_batch_size``.
+        augmentation: "detr" (the recipe above) or "lsj", Co-DINO's large-scale jitter
+            (``detrkit/data/lsj.py``); with "lsj" the keys from ``train_scales`` to ``val_size``
+            are unused.
+        lsj_size: LSJ's square canvas side (1024 in Co-DINO): training images are jittered,
+            cropped to at most this side and padded to it; evaluation resizes the longer side
+            to it.
+        lsj_scale_range: (min, max) LSJ scale, times the scale that fits the image in the canvas.
     """
 
     root: str | None = None
@@ -326,6 +333,9 @@ class DataConfig:
     num_workers: int = 2
     group_by_aspect_ratio: bool = False
     eval_group_by_size: bool = True
+    augmentation: Literal["detr", "lsj"] = "detr"
+    lsj_size: int = 1024
+    lsj_scale_range: tuple[float, float] = (0.1, 2.0)
 
 
 @dataclass(frozen=True)

@@ -263,7 +263,12 @@ def build_train_transforms(cfg: DataConfig) -> Compose:
                   else: RandomResize(crop_resize_scales) -> RandomSizeCrop(*crop_size)
                         -> RandomResize(train_scales, max_size)] -> ToNormalizedTensor.
     With ``cfg.crop`` False the middle step is RandomResize(train_scales, max_size) alone.
+    ``cfg.augmentation == "lsj"`` builds large-scale jitter instead (``detrkit.data.lsj``).
     """
+    if cfg.augmentation == "lsj":
+        from detrkit.data.lsj import build_lsj_train_transforms  # lsj imports this module
+
+        return build_lsj_train_transforms(cfg)
     scale = RandomResize(cfg.train_scales, cfg.max_size)
     middle: Transform = scale
     if cfg.crop:
@@ -280,5 +285,10 @@ def build_train_transforms(cfg: DataConfig) -> Compose:
 
 def build_eval_transforms(cfg: DataConfig) -> Compose:
     """Evaluation: resize the shorter side to ``val_size`` (longer side <= ``max_size``),
-    then normalise. Deterministic."""
+    then normalise. Deterministic. With ``cfg.augmentation == "lsj"``: the longer side to
+    ``lsj_size`` (``detrkit.data.lsj``)."""
+    if cfg.augmentation == "lsj":
+        from detrkit.data.lsj import build_lsj_eval_transforms  # lsj imports this module
+
+        return build_lsj_eval_transforms(cfg)
     return Compose([RandomResize([cfg.val_size], cfg.max_size), ToNormalizedTensor()])
