@@ -30,9 +30,14 @@ logger = logging.getLogger(__name__)
 # embedding indexed by label (the denoising scheme's) is named ``label_embedding``, one row per
 # label (+ its own extra row). Their rows move by category id.
 CLASS_HEAD = re.compile(
-    r"(^|\.)((class_embed|class_heads)(\.\d+)?\.(weight|bias)|label_embedding\.weight)$"
+    r"(^|\.)((class_embed|class_heads)(\.\d+)?\.(weight|bias)|label_embedding\.weight"
+    r"|(fc_cls|fc_reg|atss_cls)\.(weight|bias))$"
 )
-LABEL_TABLE = re.compile(r"(^|\.)label_embedding\.weight$")
+# Detection heads' class predictors: their extra row is "no object" (softmax heads).
+DETECTION_CLASS_HEAD = re.compile(r"(^|\.)(class_embed|class_heads)(\.\d+)?\.(weight|bias)$")
+# Rows per class of a class-indexed tensor: 1 for logits, 4 for per-class box deltas (the RoI
+# head's ``fc_reg``).
+ROWS_PER_CLASS = (1, 4)
 
 
 @dataclass(frozen=True)
@@ -208,7 +213,7 @@ def _class_heads(
         _warn_names(source, target)
     tensors = {k: _take_rows(own[k], weights[k], rows, extra[k]) for k in keys}
     kept = sum(r is not None for r in rows)
-    no_object = any(extra[k] == 1 for k in keys if not LABEL_TABLE.search(k))
+    no_object = any(extra[k][1] == 1 for k in keys if DETECTION_CLASS_HEAD.search(k))
     change = ClassHeadChange(
         **sizes, kept=kept, fresh_names=fresh, no_object=no_object, as_is=False
     )
@@ -225,30 +230,46 @@ def _row_sources(source: LabelMap, target: LabelMap) -> list[int | None]:
     return rows
 
 
-def _extra_rows(own, weights, keys, source: LabelMap, target: LabelMap) -> dict[str, int] | None:
-    """Per tensor, the rows past the classes (1: softmax no-object or a label table's extra
-    row, 0: none) when checkpoint and model agree and every class head has the same, else None
-    (the tensors do not have the label maps' layout and cannot be matched by category)."""
-    extras = {}
+def _extra_rows(
+    own, weights, keys, source: LabelMap, target: LabelMap
+) -> dict[str, tuple[int, int]] | None:
+    """Per tensor, its layout (rows per class, rows past the classes: 1 for a no-object or a
+    label table's extra row, else 0) when checkpoint and model agree on one, else None (the
+    tensors do not have the label maps' layout and cannot be matched by category)."""
+    layouts = {}
     for key in keys:
-        from_checkpoint = _logits(weights[key]) - source.num_classes
-        in_model = _logits(own[key]) - target.num_classes
-        if from_checkpoint != in_model or in_model not in (0, 1):
-            return None
         if own[key].shape[1:] != weights[key].shape[1:]:
             return None
-        extras[key] = in_model
-    if len({v for k, v in extras.items() if not LABEL_TABLE.search(k)}) > 1:
-        return None
-    return extras
+        layout = _layout(_logits(weights[key]), _logits(own[key]), source, target)
+        if layout is None:
+            return None
+        layouts[key] = layout
+    return layouts
 
 
-def _take_rows(fresh: Tensor, trained: Tensor, rows: list[int | None], extra: int) -> Tensor:
-    """``fresh`` [R_new, ...] with row i replaced by ``trained[rows[i]]`` where known and the
-    trailing no-object row (``extra`` 1) by the trained one."""
+def _layout(
+    checkpoint_rows: int, model_rows: int, source: LabelMap, target: LabelMap
+) -> tuple[int, int] | None:
+    for per_class in ROWS_PER_CLASS:
+        from_checkpoint = checkpoint_rows - per_class * source.num_classes
+        in_model = model_rows - per_class * target.num_classes
+        if from_checkpoint == in_model and in_model in (0, 1):
+            return per_class, in_model
+    return None
+
+
+def _take_rows(
+    fresh: Tensor, trained: Tensor, rows: list[int | None], layout: tuple[int, int]
+) -> Tensor:
+    """``fresh`` [R_new, ...] with class i's rows replaced by those of class ``rows[i]`` of
+    ``trained`` where known (``per_class`` consecutive rows each), and the trailing extra row
+    (no-object, label table) by the trained one."""
+    per_class, extra = layout
     out = fresh.clone()
-    index = [i for i, r in enumerate(rows) if r is not None]
-    out[index] = trained[[rows[i] for i in index]].to(out.dtype)
+    known = [i for i, r in enumerate(rows) if r is not None]
+    index = [i * per_class + k for i in known for k in range(per_class)]
+    source = [rows[i] * per_class + k for i in known for k in range(per_class)]
+    out[index] = trained[source].to(out.dtype)
     if extra:
         out[-1] = trained[-1].to(out.dtype)
     return out
