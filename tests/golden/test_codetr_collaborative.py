@@ -20,9 +20,11 @@ import pytest
 import torch
 
 from detrkit.config.build import build_criterion, build_model
+from detrkit.config.schema import ModelConfig
 from detrkit.config.scheme_settings import SchemeSettings
 from detrkit.convert.codetr import convert_codetr
-from detrkit.schemes.collaborative import ATSSOptions, CollaborativeConfig, RPNRoIOptions
+from detrkit.convert.codetr_source import with_collaborative_scheme
+from detrkit.schemes.collaborative import CollaborativeConfig
 from detrkit.schemes.randomness import RandomSource, ReplayedDraws
 from tests.golden.codetr_case import CodetrCase
 from tests.golden.golden_case import GOLDEN_DIR, official_state_dict
@@ -34,57 +36,10 @@ _TERMS = {"cls": "cls", "bbox": "l1", "iou": "giou"}
 
 
 def collaborative_options(model: dict) -> CollaborativeConfig:
-    """The scheme's options from an official Co-DINO mmdet ``config.model`` (RoI head 0 +
-    ATSS head 0), with the weights divided back by ``num_dec_layer x lambda_2``."""
-    head = model["query_head"]
-    rpn, roi, atss = model["rpn_head"], model["roi_head"][0], model["bbox_head"][0]
-    train_rpn, train_rcnn = model["train_cfg"][1]["rpn"], model["train_cfg"][1]["rcnn"]
-    proposal = model["train_cfg"][1]["rpn_proposal"]
-    layers = head["transformer"]["decoder"]["num_layers"]
-    lambda_2 = rpn["loss_cls"]["loss_weight"] / layers
-    scale = layers * lambda_2
-    anchors, bbox = rpn["anchor_generator"], roi["bbox_head"]
-    rpn_roi = RPNRoIOptions(
-        strides=tuple(anchors["strides"]),
-        ratios=tuple(anchors["ratios"]),
-        octave_base_scale=anchors["octave_base_scale"],
-        scales_per_octave=anchors["scales_per_octave"],
-        rpn_pos_iou=train_rpn["assigner"]["pos_iou_thr"],
-        rpn_neg_iou=train_rpn["assigner"]["neg_iou_thr"],
-        rpn_min_pos_iou=train_rpn["assigner"]["min_pos_iou"],
-        rpn_samples=train_rpn["sampler"]["num"],
-        rpn_pos_fraction=train_rpn["sampler"]["pos_fraction"],
-        nms_pre=proposal["nms_pre"],
-        max_proposals=proposal["max_per_img"],
-        nms_iou=proposal["nms"]["iou_threshold"],
-        roi_strides=tuple(roi["bbox_roi_extractor"]["featmap_strides"]),
-        finest_scale=roi["bbox_roi_extractor"]["finest_scale"],
-        fc_channels=bbox["fc_out_channels"],
-        roi_size=bbox["roi_feat_size"],
-        roi_iou=train_rcnn["assigner"]["pos_iou_thr"],
-        roi_samples=train_rcnn["sampler"]["num"],
-        roi_pos_fraction=train_rcnn["sampler"]["pos_fraction"],
-        rpn_cls_weight=rpn["loss_cls"]["loss_weight"] / scale,
-        rpn_bbox_weight=rpn["loss_bbox"]["loss_weight"] / scale,
-        roi_cls_weight=bbox["loss_cls"]["loss_weight"] / scale,
-        roi_bbox_weight=bbox["loss_bbox"]["loss_weight"] / scale,
-    )
-    atss_options = ATSSOptions(
-        strides=tuple(atss["anchor_generator"]["strides"]),
-        stacked_convs=atss["stacked_convs"],
-        octave_base_scale=atss["anchor_generator"]["octave_base_scale"],
-        topk=atss["train_cfg"]["assigner"]["topk"],
-        cls_weight=atss["loss_cls"]["loss_weight"] / scale,
-        bbox_weight=atss["loss_bbox"]["loss_weight"] / scale,
-        centerness_weight=atss["loss_centerness"]["loss_weight"] / scale,
-    )
-    return CollaborativeConfig(
-        rpn_roi=rpn_roi,
-        atss=atss_options,
-        lambda_2=lambda_2,
-        max_pos_coords=head.get("max_pos_coords", 300),
-        with_pos_coord=head["transformer"].get("with_pos_coord", True),
-    )
+    """The scheme's options as ``convert --from codetr --keep-aux`` reads them from an official
+    mmdet ``config.model`` (RoI head 0 + ATSS head 0, weights divided back by
+    ``num_dec_layer x lambda_2``)."""
+    return with_collaborative_scheme(ModelConfig(), model).schemes["collaborative"]
 
 
 def official_to_detrkit(name: str, num_layers: int) -> str | None:
