@@ -19,13 +19,16 @@ from dataclasses import replace
 import pytest
 import torch
 
-from detrkit.config.build import build_criterion, build_model
+from detrkit.config.build import build_model
 from detrkit.config.scheme_settings import SchemeSettings
 from detrkit.convert.codetr import convert_codetr
 from detrkit.schemes.randomness import RandomSource, ReplayedDraws
 from tests.golden.codetr_case import CodetrCase
 from tests.golden.golden_case import GOLDEN_DIR, official_state_dict
-from tests.golden.test_codetr_collaborative import collaborative_options, official_to_detrkit
+from tests.golden.test_codetr_collaborative import (
+    assert_every_loss_and_the_total_match,
+    collaborative_options,
+)
 
 CASE = GOLDEN_DIR / "codetr" / "co_deformable_detr_r18.json"
 LOSS_RTOL = 1e-4
@@ -155,22 +158,4 @@ def test_positive_query_passes_match_recording(step: Step):
 
 
 def test_every_loss_and_the_total_match_recording(step: Step):
-    criterion = build_criterion(step.config)
-    losses = criterion(step.output, step.case.targets())
-    run = step.case.spec["runs"]["f32"]
-    layers = step.config.decoder.num_layers
-    compared, worst = set(), 0.0
-    for official, value in run["losses"].items():
-        name = official_to_detrkit(official, layers)
-        if name is None:
-            continue
-        got = (losses.terms[name].detach() * losses.weights[name]).item()
-        error = abs(got - value) / abs(value) if value != 0 else abs(got)
-        assert error <= LOSS_RTOL, f"{official} ({name}): {got} vs {value} ({error:.2e})"
-        worst = max(worst, error)
-        compared.add(name)
-    assert len(compared) == len(run["losses"]) - 1 == 48
-    assert compared == set(losses.terms), set(losses.terms) ^ compared
-    total = losses.total.item()
-    assert abs(total - run["total_loss"]) <= LOSS_RTOL * abs(run["total_loss"])
-    assert run["log_vars"]["loss"] == run["total_loss"]
+    assert_every_loss_and_the_total_match(step, 48)
