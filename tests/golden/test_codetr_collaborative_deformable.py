@@ -31,7 +31,6 @@ from tests.golden.test_codetr_collaborative import (
 )
 
 CASE = GOLDEN_DIR / "codetr" / "co_deformable_detr_r18.json"
-LOSS_RTOL = 1e-4
 OUTPUT_TOL = dict(atol=1e-4, rtol=1e-4)
 
 
