@@ -214,3 +214,49 @@ def assert_every_loss_and_the_total_match(step, expected_terms: int) -> None:
 
 def test_every_loss_and_the_total_match_recording(step: Step):
     assert_every_loss_and_the_total_match(step, 71)
+
+
+def assert_every_matcher_call_matches(step) -> None:
+    """Every recorded ``HungarianAssigner.assign`` call (``train.f32.match.NN``): the cost
+    handed to scipy, the matched pairs and the per-query ``gt_inds`` (0 unmatched, k -> GT
+    k-1). Queries whose cost rows are identical (padded two-stage tokens) are
+    interchangeable, so a differing pick among them is accepted when its cost row is equal."""
+    criterion = build_criterion(step.config)
+    targets = step.case.targets()
+    matches = criterion.match(step.output, targets)
+    layers = step.config.decoder.num_layers
+    calls = step.case.spec["runs"]["f32"]["matcher_calls"]
+    for call in calls:
+        label, image = call["label"], call["image"]
+        where = ("enc", 0) if label == "enc" else ("main", int(label.removeprefix("dec")))
+        assert where[1] < layers, label
+        group = step.output.group(where[0])
+        assigner = criterion.assigner_of(group)
+        group_targets = criterion.group_targets(group, targets)
+        layer = group.logits[where[1]].detach()
+        boxes = criterion.match_boxes(group)[where[1]].detach()
+        costs = assigner.image_costs(assigner.costs(layer, boxes, group_targets), group_targets)
+        prefix = f"train.f32.{call['tensors']}"
+        want_cost = step.case.tensors[f"{prefix}.cost"]
+        torch.testing.assert_close(costs[image], want_cost, **OUTPUT_TOL, msg=prefix)
+        src, tgt = matches[where][image]
+        want_src, want_tgt = step.case.tensors[f"{prefix}.src"], step.case.tensors[f"{prefix}.tgt"]
+        gt_inds = torch.zeros(call["num_queries"], dtype=torch.int64)
+        gt_inds[src] = tgt.to(torch.int64) + 1
+        recorded = step.case.tensors[f"{prefix}.gt_inds"].to(torch.int64)
+        for query in torch.nonzero(gt_inds != recorded).flatten().tolist():
+            twin = int(torch.nonzero(recorded == gt_inds[query]).flatten()[0]) if gt_inds[
+                query
+            ] else int(torch.nonzero(gt_inds == recorded[query]).flatten()[0])
+            assert torch.equal(want_cost[query], want_cost[twin]), f"{prefix}: query {query}"
+        ours = sorted(zip(tgt.tolist(), want_cost[src, tgt].tolist()))
+        theirs = sorted(zip(want_tgt.tolist(), want_cost[want_src, want_tgt].tolist()))
+        assert [t for t, _ in ours] == [t for t, _ in theirs], prefix
+        torch.testing.assert_close(
+            torch.tensor([c for _, c in ours]), torch.tensor([c for _, c in theirs]), msg=prefix
+        )
+    assert len(calls) == 2 * (layers + 1)
+
+
+def test_every_matcher_call_matches_recording(step: Step):
+    assert_every_matcher_call_matches(step)

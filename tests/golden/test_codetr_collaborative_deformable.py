@@ -27,6 +27,7 @@ from tests.golden.codetr_case import CodetrCase
 from tests.golden.golden_case import GOLDEN_DIR, official_state_dict
 from tests.golden.test_codetr_collaborative import (
     assert_every_loss_and_the_total_match,
+    assert_every_matcher_call_matches,
     collaborative_options,
 )
 
@@ -158,3 +159,7 @@ def test_positive_query_passes_match_recording(step: Step):
 
 def test_every_loss_and_the_total_match_recording(step: Step):
     assert_every_loss_and_the_total_match(step, 48)
+
+
+def test_every_matcher_call_matches_recording(step: Step):
+    assert_every_matcher_call_matches(step)

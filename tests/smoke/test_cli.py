@@ -22,7 +22,13 @@ TINY = [
 ]
 
 
-PRESETS = ["detr_tiny", "deformable_detr_tiny", "dino_tiny", "co_dino_tiny", "co_deformable_detr_tiny"]
+PRESETS = [
+    "detr_tiny",
+    "deformable_detr_tiny",
+    "dino_tiny",
+    "co_dino_tiny",
+    "co_deformable_detr_tiny",
+]
 
 
 def _train(data, out, *extra, resume=None, config="detr_tiny"):
