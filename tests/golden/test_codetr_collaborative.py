@@ -245,9 +245,11 @@ def assert_every_matcher_call_matches(step) -> None:
         gt_inds[src] = tgt.to(torch.int64) + 1
         recorded = step.case.tensors[f"{prefix}.gt_inds"].to(torch.int64)
         for query in torch.nonzero(gt_inds != recorded).flatten().tolist():
-            twin = int(torch.nonzero(recorded == gt_inds[query]).flatten()[0]) if gt_inds[
-                query
-            ] else int(torch.nonzero(gt_inds == recorded[query]).flatten()[0])
+            twin = (
+                int(torch.nonzero(recorded == gt_inds[query]).flatten()[0])
+                if gt_inds[query]
+                else int(torch.nonzero(gt_inds == recorded[query]).flatten()[0])
+            )
             assert torch.equal(want_cost[query], want_cost[twin]), f"{prefix}: query {query}"
         ours = sorted(zip(tgt.tolist(), want_cost[src, tgt].tolist()))
         theirs = sorted(zip(want_tgt.tolist(), want_cost[want_src, want_tgt].tolist()))
