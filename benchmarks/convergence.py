@@ -17,7 +17,9 @@ SMCA's Gaussian-modulated cross-attention and focal classification/matching
 (docs/methods.md#smca-detr), on the
 same data and budget. ``--arms one_to_one_cross_first`` adds a control outside the default
 four: one-to-one with the MS-DETR decoder order, which separates the effect of the order from
-that of the supervision.
+that of the supervision. ``--arms co_deformable_base co_deformable`` trains Co-Deformable-DETR
+(``co_deformable_detr_tiny``: the collaborative RPN/RoI and ATSS heads and their positive
+queries) next to the same detector with the scheme off.
 
 Each arm runs in this process through ``detrkit.engine.trainer.Trainer`` (CPU, fp32) and is
 evaluated on the validation split every ``--eval-every`` epochs and at the end. AP and AP50 come
@@ -82,7 +84,12 @@ SMCA = (
     "model.top_k=20",
 )
 # Arms trained from another preset than ``PRESET``.
-ARM_PRESETS = {"detr": "detr_tiny", "smca": "detr_tiny"}
+ARM_PRESETS = {
+    "detr": "detr_tiny",
+    "smca": "detr_tiny",
+    "co_deformable_base": "co_deformable_detr_tiny",
+    "co_deformable": "co_deformable_detr_tiny",
+}
 ARMS: dict[str, tuple[str, ...]] = {
     "one_to_one": (),
     "hybrid": HYBRID,
@@ -94,6 +101,11 @@ ARMS: dict[str, tuple[str, ...]] = {
     # budget.
     "detr": (),
     "smca": SMCA,
+    # Co-Deformable-DETR next to its base: the same tiny two-stage Deformable DETR (look-forward-
+    # twice, mixed selection) without and with the collaborative auxiliary heads and their
+    # positive queries (the preset's lambda_1 = 1, lambda_2 = 2).
+    "co_deformable_base": ("model.schemes.collaborative=null",),
+    "co_deformable": (),
 }
 DEFAULT_ARMS = ("one_to_one", "hybrid", "mixed", "both")
 VAL_IMAGES = 64

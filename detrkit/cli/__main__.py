@@ -101,15 +101,15 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from detrkit.cli import convert, data, demo, evaluate, predict, presets, train
+    from detrkit.cli import convert, data, demo, evaluate, export, predict, presets, train
 
     parser = DetrkitParser(
-        prog="detrkit", description="Train, evaluate, run and convert DETR-family detectors."
+        prog="detrkit", description="Train, evaluate, run, convert and export DETR-family detectors."
     )
     parser.add_argument("--version", action="version", version=f"detrkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (train, evaluate, predict, convert, demo, data, presets):
+    for module in (train, evaluate, predict, convert, export, demo, data, presets):
         module.register(commands, _add_config_options, _add_run_options)
     return parser
 

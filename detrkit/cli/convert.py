@@ -7,8 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-# mmdet checkpoints (Co-DETR) are read by detrkit.convert.codetr_source, not a SOURCES table.
+# mmdet checkpoints (Co-DETR) are read by detrkit.convert.codetr_source, Hugging Face folders by
+# detrkit.convert.transformers; neither is a SOURCES table.
 CODETR = "codetr"
+TRANSFORMERS = "transformers"
 
 
 def register(commands, add_config, add_run) -> None:
@@ -19,10 +21,15 @@ def register(commands, add_config, add_run) -> None:
         "--from",
         dest="source",
         required=True,
-        choices=sorted([*SOURCES, CODETR]),
+        choices=sorted([*SOURCES, CODETR, TRANSFORMERS]),
         help="layout of the input checkpoint",
     )
-    parser.add_argument("input", type=Path, help="official .pth file")
+    parser.add_argument(
+        "input",
+        type=Path,
+        help="official .pth file (--from transformers: a saved folder with config.json and "
+        "model.safetensors, or the .safetensors file beside its config.json)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output .safetensors file")
     parser.add_argument(
         "--args-json",
@@ -61,6 +68,14 @@ def run(args) -> int:
         return 0
     if args.keep_aux or args.config is not None:
         raise UserError("--keep-aux and --config apply to --from codetr only")
+    if args.source == TRANSFORMERS:
+        from detrkit.convert.transformers import convert_transformers_checkpoint
+
+        if args.args_json is not None:
+            raise UserError("--from transformers reads the folder's config.json, not --args-json")
+        result = convert_transformers_checkpoint(args.input, args.out)
+        print(f"{args.input} -> {args.out}: {result.describe()}", file=sys.stderr)
+        return 0
     override = json.loads(args.args_json.read_text()) if args.args_json else None
     result = convert_official(get_source(args.source), args.input, args.out, override)
     print(f"{args.input} -> {args.out}: {result.describe()}", file=sys.stderr)

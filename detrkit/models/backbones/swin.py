@@ -70,6 +70,7 @@ SWIN_VARIANTS = {
     "swin_small": SwinVariant(96, (2, 2, 18, 2), (3, 6, 12, 24)),
     "swin_base": SwinVariant(128, (2, 2, 18, 2), (4, 8, 16, 32)),
     "swin_large": SwinVariant(192, (2, 2, 18, 2), (6, 12, 24, 48)),
+    "swin_base_window12": SwinVariant(128, (2, 2, 18, 2), (4, 8, 16, 32), 12, 384),
     "swin_large_window12": SwinVariant(192, (2, 2, 18, 2), (6, 12, 24, 48), 12, 384),
 }
 _STAGES = ("c2", "c3", "c4", "c5")
