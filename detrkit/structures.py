@@ -96,6 +96,8 @@ class EncoderMemory:
         valid_ratios: [B, L, 2] float, (w, h) valid fraction of every level.
         image_sizes: [B, 2] int64, (h, w) of each input image before padding, in pixels (set by
             the detector; SMCA places its spatial prior with it), or None.
+        level_shapes: ``spatial_shapes`` as Python (H_l, W_l) pairs, read off the feature maps,
+            or None (then :meth:`shapes` reads the tensor).
     """
 
     tokens: Tensor
@@ -105,6 +107,23 @@ class EncoderMemory:
     level_start: Tensor
     valid_ratios: Tensor
     image_sizes: Tensor | None = None
+    level_shapes: tuple[tuple[int, int], ...] | None = None
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """(H_l, W_l) of every level as Python ints. Code that loops over levels uses these
+        rather than ``spatial_shapes.tolist()``: under ``torch.export`` they stay symbolic
+        sizes of the input (dynamic ONNX axes), where a tensor's values would be unknown."""
+        if self.level_shapes is not None:
+            return list(self.level_shapes)
+        return [(int(h), int(w)) for h, w in self.spatial_shapes.tolist()]
+
+    def level_starts(self) -> list[int]:
+        """Offset of every level in S, as Python ints (see :meth:`shapes`)."""
+        starts, total = [], 0
+        for height, width in self.shapes():
+            starts.append(total)
+            total = total + height * width
+        return starts
 
 
 @dataclass(frozen=True)

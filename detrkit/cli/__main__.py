@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     from detrkit.cli import convert, data, demo, evaluate, export, predict, presets, train
 
     parser = DetrkitParser(
-        prog="detrkit", description="Train, evaluate, run, convert and export DETR-family detectors."
+        prog="detrkit",
+        description="Train, evaluate, run, convert and export DETR-family detectors.",
     )
     parser.add_argument("--version", action="version", version=f"detrkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

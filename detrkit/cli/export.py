@@ -25,12 +25,15 @@ def register(commands, add_config, add_run) -> None:
         type=int,
         default=None,
         metavar=("H", "W"),
-        help="onnx: the input size traced and checked (default: the config's eval size)",
+        help="onnx: the input size traced and checked (default: the config's eval size of a "
+        "640x480 image)",
     )
     parser.add_argument(
-        "--dynamic", action="store_true", help="onnx: dynamic batch and image size axes"
+        "--dynamic", action="store_true", help="onnx: dynamic batch, height and width axes"
     )
-    parser.add_argument("--opset", type=int, default=None, help="onnx: opset version")
+    parser.add_argument(
+        "--opset", type=int, default=None, help="onnx: opset version (default 18, at least 16)"
+    )
     parser.set_defaults(run=run)
 
 

@@ -5,6 +5,7 @@ wrappers."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,7 @@ class MSDeformAttention(nn.Module):
         spatial_shapes: Tensor,
         level_start: Tensor,
         padding_mask: Tensor | None,
+        level_shapes: Sequence[tuple[int, int]] | None = None,
     ) -> Tensor:
         """Sample ``value`` around ``reference`` for every query.
 
@@ -73,6 +75,8 @@ class MSDeformAttention(nn.Module):
             spatial_shapes: [L, 2] (H_l, W_l).
             level_start: [L] offsets of the levels in S.
             padding_mask: [B, S] bool, True on padding (those values are zeroed).
+            level_shapes: ``spatial_shapes`` as Python pairs (``EncoderMemory.shapes()``), or
+                None; the ``grid_sample`` path loops over them (symbolic sizes under export).
 
         Returns:
             [B, Lq, D].
@@ -89,7 +93,9 @@ class MSDeformAttention(nn.Module):
         # (docs/methods.md#implementation-notes).
         weights = F.softmax(weights, -1).view(shape)
         locations = sampling_locations(reference, offsets, spatial_shapes, self.num_points)
-        out = ms_deform_attn(value, spatial_shapes, level_start, locations, weights)
+        out = ms_deform_attn(
+            value, spatial_shapes, level_start, locations, weights, level_shapes=level_shapes
+        )
         return self.output_proj(out)
 
 
@@ -140,4 +146,5 @@ class DeformableCrossAttention(nn.Module):
             memory.spatial_shapes,
             memory.level_start,
             memory.padding_mask,
+            memory.shapes(),
         )

@@ -214,7 +214,7 @@ class GaussianCrossAttention(nn.Module):
         if self.level_head is not None:
             kernel = partial(
                 level_softmax_attention,
-                level_sizes=memory.spatial_shapes.prod(1).tolist(),
+                level_sizes=[height * width for height, width in memory.shapes()],
                 level_weights=self._level_weights(modulation),
             )
         return self.attn(
@@ -254,9 +254,7 @@ class GaussianCrossAttention(nn.Module):
         image_wh = memory.image_sizes.flip(-1).float()[:, None, None, :]
         base = reference.float()[:, :, None, :] * image_wh  # [B, Q, 1, 2] in input pixels
         priors = []
-        for level, ((height, width), stride) in enumerate(
-            zip(memory.spatial_shapes.tolist(), self.level_strides)
-        ):
+        for level, ((height, width), stride) in enumerate(zip(memory.shapes(), self.level_strides)):
             grid = token_grid(height, width, modulation.device)
             centres = base / stride + offsets[:, :, level]
             level_scales = None if scales is None else scales[:, :, level]

@@ -15,26 +15,30 @@ from detrkit.models.encoder import flatten_levels, run_layer
 from detrkit.structures import EncoderMemory, FeatureLevel
 
 
-def encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+def encoder_reference_points(
+    spatial_shapes: Tensor | Sequence[tuple[int, int]], valid_ratios: Tensor
+) -> Tensor:
     """Pixel centres of every token, for sampling on every level.
 
     Args:
-        spatial_shapes: [L, 2] (H_l, W_l).
+        spatial_shapes: [L, 2] (H_l, W_l), or the same as Python pairs
+            (``EncoderMemory.shapes()``, which keep export sizes symbolic).
         valid_ratios: [B, L, 2] (w, h) valid fraction of each level.
 
     Returns:
         [B, S, L, 2] (x, y): each token's centre in its own level's valid extent, then scaled
         by every level's valid ratio (docs/methods.md#deformable-detr-architecture).
     """
+    if isinstance(spatial_shapes, Tensor):
+        spatial_shapes = spatial_shapes.tolist()
     points = []
-    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+    device = valid_ratios.device
+    for level, (height, width) in enumerate(spatial_shapes):
+        # arange + 0.5 equals linspace(0.5, n - 0.5, n) exactly, and unlike linspace it keeps a
+        # symbolic n symbolic under torch.export (dynamic ONNX height and width).
         ys, xs = torch.meshgrid(
-            torch.linspace(
-                0.5, height - 0.5, height, dtype=torch.float32, device=valid_ratios.device
-            ),
-            torch.linspace(
-                0.5, width - 0.5, width, dtype=torch.float32, device=valid_ratios.device
-            ),
+            torch.arange(height, dtype=torch.float32, device=device) + 0.5,
+            torch.arange(width, dtype=torch.float32, device=device) + 0.5,
             indexing="ij",
         )
         ys = ys.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
@@ -72,7 +76,13 @@ class DeformableEncoderLayer(nn.Module):
     ) -> Tensor:
         """tokens, pos: [B, S, D]; reference: [B, S, L, 2] -> [B, S, D]."""
         attend = lambda x: self.self_attn(  # noqa: E731
-            x + pos, reference, x, memory.spatial_shapes, memory.level_start, memory.padding_mask
+            x + pos,
+            reference,
+            x,
+            memory.spatial_shapes,
+            memory.level_start,
+            memory.padding_mask,
+            memory.shapes(),
         )
         tokens = self.self_attn_norm(tokens, attend)
         return self.ffn_norm(tokens, self.ffn)
@@ -104,10 +114,10 @@ class DeformableEncoder(nn.Module):
     def forward(self, levels: Sequence[FeatureLevel]) -> EncoderMemory:
         """levels: projected feature levels with masks and positions -> encoded memory."""
         memory = flatten_levels(levels)
-        sizes = memory.spatial_shapes.prod(1).tolist()
+        sizes = [height * width for height, width in memory.shapes()]
         level_pos = torch.cat([self.level_embed[i].expand(n, -1) for i, n in enumerate(sizes)])
         memory.pos = memory.pos + level_pos[None]
-        reference = encoder_reference_points(memory.spatial_shapes, memory.valid_ratios)
+        reference = encoder_reference_points(memory.shapes(), memory.valid_ratios)
         tokens = memory.tokens
         checkpointing = self.checkpointing and self.training
         for layer in self.layers:

@@ -23,7 +23,10 @@ def flatten_levels(levels: Sequence[FeatureLevel]) -> EncoderMemory:
     shapes = torch.tensor([lvl.features.shape[-2:] for lvl in levels], device=tokens.device)
     level_start = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
     valid_ratios = torch.stack([valid_ratio(lvl.padding_mask) for lvl in levels], dim=1)
-    return EncoderMemory(tokens, mask, pos, shapes, level_start, valid_ratios)
+    level_shapes = tuple((lvl.features.shape[-2], lvl.features.shape[-1]) for lvl in levels)
+    return EncoderMemory(
+        tokens, mask, pos, shapes, level_start, valid_ratios, level_shapes=level_shapes
+    )
 
 
 def valid_ratio(padding_mask: Tensor) -> Tensor:

@@ -50,11 +50,21 @@ class SoftmaxPostprocess(nn.Module):
     @torch.no_grad()
     def forward(self, predictions: PredictionGroup, image_sizes: Tensor) -> list[Detections]:
         """predictions: group with logits [L, B, Q, C+1]; image_sizes: [B, 2] (h, w) to scale to."""
+        found = self.batched(predictions, image_sizes)
+        return [
+            Detections(b, s, lab, found.query_index)
+            for s, lab, b in zip(found.scores, found.labels, found.boxes_xyxy)
+        ]
+
+    def batched(self, predictions: PredictionGroup, image_sizes: Tensor) -> Detections:
+        """As :meth:`forward`, the images stacked: boxes [B, Q, 4] absolute xyxy, scores and
+        labels [B, Q], query_index [Q]. No Python loop over images, so a traced graph (ONNX
+        export) keeps the batch size dynamic."""
         probs = predictions.logits[-1].softmax(-1)
         scores, labels = _mask_ignored(probs[..., :-1], self.ignored).max(-1)
         boxes = _scale_boxes(predictions.boxes[-1], image_sizes)
         queries = torch.arange(scores.shape[1], device=scores.device)
-        return [Detections(b, s, lab, queries) for s, lab, b in zip(scores, labels, boxes)]
+        return Detections(boxes, scores, labels, queries)
 
 
 # MS-DETR's NMS looks at this many best (query, class) pairs (docs/methods.md#ms-detr-inference).
@@ -119,6 +129,22 @@ class TopKSigmoidPostprocess(nn.Module):
     @torch.no_grad()
     def forward(self, predictions: PredictionGroup, image_sizes: Tensor) -> list[Detections]:
         """predictions: logits [L, B, Q, C]; image_sizes: [B, 2] (h, w)."""
+        found = self.top_candidates(predictions, image_sizes)
+        detections = [
+            Detections(b, s, lab, q)
+            for s, lab, b, q in zip(found.scores, found.labels, found.boxes_xyxy, found.query_index)
+        ]
+        if self.nms_iou_threshold is not None:
+            detections = [self._nms(d) for d in detections]
+        if self.soft_nms is not None:
+            detections = [self._soft_nms(d) for d in detections]
+        return detections
+
+    def top_candidates(self, predictions: PredictionGroup, image_sizes: Tensor) -> Detections:
+        """The best ``candidates`` (query, class) pairs of every image, before any NMS, the
+        images stacked: boxes [B, K, 4] absolute xyxy, scores, labels and query_index [B, K].
+        Without NMS this is the result; no Python loop over images, so a traced graph (ONNX
+        export) keeps the batch size dynamic."""
         logits = predictions.logits[-1]
         num_classes = logits.shape[-1]
         probs = _mask_ignored(logits.sigmoid(), self.ignored).flatten(1)
@@ -128,14 +154,7 @@ class TopKSigmoidPostprocess(nn.Module):
         labels = flat_index % num_classes
         boxes = _scale_boxes(predictions.boxes[-1], image_sizes, self.clip)
         boxes = torch.gather(boxes, 1, query_index[..., None].expand(-1, -1, 4))
-        detections = [
-            Detections(b, s, lab, q) for s, lab, b, q in zip(scores, labels, boxes, query_index)
-        ]
-        if self.nms_iou_threshold is not None:
-            detections = [self._nms(d) for d in detections]
-        if self.soft_nms is not None:
-            detections = [self._soft_nms(d) for d in detections]
-        return detections
+        return Detections(boxes, scores, labels, query_index)
 
     @property
     def candidates(self) -> int:

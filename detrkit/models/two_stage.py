@@ -37,14 +37,13 @@ def encoder_proposals(memory: EncoderMemory) -> tuple[Tensor, Tensor]:
     """
     batch = memory.tokens.shape[0]
     proposals = []
-    for level, ((height, width), start) in enumerate(
-        zip(memory.spatial_shapes.tolist(), memory.level_start.tolist())
-    ):
+    for level, ((height, width), start) in enumerate(zip(memory.shapes(), memory.level_starts())):
         mask = memory.padding_mask[:, start : start + height * width].view(batch, height, width)
         valid_h, valid_w = (~mask[:, :, 0]).sum(1), (~mask[:, 0, :]).sum(1)
+        # arange equals linspace(0, n - 1, n) exactly and stays symbolic under torch.export.
         grid_y, grid_x = torch.meshgrid(
-            torch.linspace(0, height - 1, height, dtype=torch.float32, device=mask.device),
-            torch.linspace(0, width - 1, width, dtype=torch.float32, device=mask.device),
+            torch.arange(height, dtype=torch.float32, device=mask.device),
+            torch.arange(width, dtype=torch.float32, device=mask.device),
             indexing="ij",
         )
         grid = torch.stack((grid_x, grid_y), -1)

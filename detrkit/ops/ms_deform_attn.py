@@ -25,12 +25,16 @@ weight and the attention weight folded into one scalar, and ``F.embedding_bag`` 
 weighted rows per (batch, query, head). Its backward is written by hand (:class:`FusedSampling`).
 Both run in float32 (float64 if an input is) with autocast disabled, like the CUDA kernel.
 
-The fused autograd function lives in ``fused_sampling.py``.
+The fused autograd function lives in ``fused_sampling.py``. ONNX export traces the reference
+(``grid_sample`` is a standard ONNX op; the fused path's autograd function is not exportable):
+:func:`ms_deform_attn` picks it inside :func:`use_implementation` and whenever
+``torch.onnx.is_in_onnx_export()``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -38,17 +42,39 @@ from torch import Tensor
 
 from detrkit.ops.fused_sampling import FusedSampling
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_fused", "ms_deform_attn_reference"]
+__all__ = [
+    "ms_deform_attn",
+    "ms_deform_attn_fused",
+    "ms_deform_attn_reference",
+    "use_implementation",
+]
 
 # Images are processed in chunks of about this many samples (N * Lq * M * L * P): the working
 # set of one encoder image at 800 x 1066 (2.3 M samples) stays cache- and allocator-friendly;
 # two at once are measurably slower per image on CPU.
 SAMPLES_PER_CHUNK = 2**22
+IMPLEMENTATIONS = ("fused", "reference")
+# What ms_deform_attn runs when not told; use_implementation changes it for a block.
+_default_implementation = "fused"
+
+
+@contextmanager
+def use_implementation(implementation: str) -> Iterator[None]:
+    """Run every :func:`ms_deform_attn` call in the block with ``implementation`` ("fused" or
+    "reference") unless the call names one, e.g. the reference while exporting to ONNX."""
+    global _default_implementation
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown implementation {implementation!r}: use 'fused' or 'reference'")
+    previous, _default_implementation = _default_implementation, implementation
+    try:
+        yield
+    finally:
+        _default_implementation = previous
 
 
 def ms_deform_attn_reference(
     value: Tensor,
-    spatial_shapes: Tensor,
+    spatial_shapes: Tensor | Sequence[tuple[int, int]],
     level_start: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
@@ -57,7 +83,8 @@ def ms_deform_attn_reference(
 
     Args:
         value: [N, S, M, Dh].
-        spatial_shapes: [L, 2] int64 (H_l, W_l).
+        spatial_shapes: [L, 2] int64 (H_l, W_l), or the same as Python pairs
+            (``EncoderMemory.shapes()``; under ``torch.export`` they stay symbolic).
         level_start: [L] int64 (unused, see the module docstring).
         sampling_locations: [N, Lq, M, L, P, 2] (x, y), normalised to [0, 1].
         attention_weights: [N, Lq, M, L, P].
@@ -68,10 +95,18 @@ def ms_deform_attn_reference(
     return _in_float32(_reference, value, spatial_shapes, sampling_locations, attention_weights)
 
 
-def _reference(value: Tensor, spatial_shapes: Tensor, locations: Tensor, weights: Tensor) -> Tensor:
+def _reference(
+    value: Tensor,
+    spatial_shapes: Tensor | Sequence[tuple[int, int]],
+    locations: Tensor,
+    weights: Tensor,
+) -> Tensor:
     batch, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    if isinstance(spatial_shapes, Tensor):
+        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    else:
+        shapes = list(spatial_shapes)
     value_levels = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * locations - 1
     sampled = []
@@ -135,27 +170,37 @@ def ms_deform_attn(
     level_start: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
-    implementation: str = "fused",
+    implementation: str | None = None,
+    level_shapes: Sequence[tuple[int, int]] | None = None,
 ) -> Tensor:
-    """Multi-scale deformable sampling; ``implementation`` is "fused" or "reference".
+    """Multi-scale deformable sampling; ``implementation`` is "fused" or "reference" (None: the
+    one :func:`use_implementation` set, by default "fused"; always the reference while exporting
+    to ONNX).
 
     Shapes as in :func:`ms_deform_attn_reference`: value [N, S, M, Dh], spatial_shapes [L, 2],
     level_start [L], sampling_locations [N, Lq, M, L, P, 2], attention_weights
-    [N, Lq, M, L, P] -> [N, Lq, M * Dh].
+    [N, Lq, M, L, P] -> [N, Lq, M * Dh]. ``level_shapes``: ``spatial_shapes`` as Python pairs,
+    if known; the reference then loops over them (symbolic sizes stay symbolic).
     """
+    if implementation is None:
+        exporting = torch.onnx.is_in_onnx_export()
+        implementation = "reference" if exporting else _default_implementation
     if implementation == "fused":
-        op = ms_deform_attn_fused
-    elif implementation == "reference":
-        op = ms_deform_attn_reference
-    else:
-        raise ValueError(f"unknown implementation {implementation!r}: use 'fused' or 'reference'")
-    return op(value, spatial_shapes, level_start, sampling_locations, attention_weights)
+        return ms_deform_attn_fused(
+            value, spatial_shapes, level_start, sampling_locations, attention_weights
+        )
+    if implementation == "reference":
+        shapes = spatial_shapes if level_shapes is None else level_shapes
+        return ms_deform_attn_reference(
+            value, shapes, level_start, sampling_locations, attention_weights
+        )
+    raise ValueError(f"unknown implementation {implementation!r}: use 'fused' or 'reference'")
 
 
 def _in_float32(
     op: Callable[..., Tensor],
     value: Tensor,
-    spatial_shapes: Tensor,
+    spatial_shapes: Tensor | Sequence[tuple[int, int]],
     locations: Tensor,
     weights: Tensor,
 ) -> Tensor:

@@ -31,7 +31,7 @@ _NOT_CASES = {"inputs.json"}
 # Co-DETR cases have their own runners: the mmdetection layout has no official ``args``.
 _CODETR_DINO = "Co-DINO cases run in tests/golden/test_codetr_dino.py"
 _CODETR_DEFORMABLE = "Co-Deformable-DETR cases run in tests/golden/test_codetr_deformable.py"
-_HF_MISSING = "transformers cases need the Hugging Face transformers importer (not built yet)"
+_HF_RUNNER = "transformers cases run in tests/golden/test_hf.py"
 
 
 def list_cases(directory: Path | None = None) -> list[Path]:
@@ -62,7 +62,7 @@ def case_format(spec: dict) -> CaseFormat:
     """Detect the format from the json's own fields; a json of none of them is an error, so a
     stray file is never mistaken for a passing case."""
     if "transformers" in spec:
-        return CaseFormat("hf", _HF_MISSING)
+        return CaseFormat("hf", _HF_RUNNER)
     reference = spec.get("reference")
     if isinstance(reference, dict) and reference.get("repo") == "Sense-X/Co-DETR":
         head = spec.get("config", {}).get("model", {}).get("query_head", {})
