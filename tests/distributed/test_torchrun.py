@@ -94,19 +94,36 @@ def uniform_coco(tmp_path_factory) -> Path:
     return write_synthetic_coco(root, num_train=8, num_val=5, seed=3, min_size=SIZE, max_size=SIZE)
 
 
+def _first_gradients(run: Path) -> dict[int, torch.Tensor]:
+    """The averaged, clipped gradient of the first optimiser step, read back from AdamW's first
+    moment in the step-1 training checkpoint (``exp_avg = (1 - beta1) * grad`` after one step)."""
+    first = sorted((run / "checkpoints").glob("*.safetensors"))[0]
+    state = load_checkpoint(first).training
+    assert state.loop.step == 1, first
+    return {index: entry["exp_avg"] for index, entry in state.optimizer["state"].items()}
+
+
 def test_two_processes_match_one_process_with_the_same_global_batch(uniform_coco, tmp_path):
-    _train(uniform_coco, tmp_path / "one", processes=1, batch_size=2)
-    _train(uniform_coco, tmp_path / "two", processes=2, batch_size=1)
+    # Keep the checkpoint of every step: the first one holds the first step's gradients.
+    every_step = ("train.checkpoint_every=1", "train.keep_last=3")
+    _train(uniform_coco, tmp_path / "one", processes=1, batch_size=2, extra=every_step)
+    _train(uniform_coco, tmp_path / "two", processes=2, batch_size=1, extra=every_step)
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3]
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4), step
-    weights = [
-        load_checkpoint(sorted((tmp_path / run / "checkpoints").glob("*.safetensors"))[-1]).model
-        for run in ("one", "two")
-    ]
-    for name, value in weights[0].items():
-        torch.testing.assert_close(weights[1][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    # The all-reduced gradient equals the one-process gradient up to summation order. Weights
+    # after several AdamW steps are not compared element by element: AdamW divides each
+    # gradient by its own magnitude, so elements whose gradient is rounding noise move by a
+    # full learning-rate step either way.
+    grads = [_first_gradients(tmp_path / run) for run in ("one", "two")]
+    assert grads[0].keys() == grads[1].keys()
+    largest = max(g.norm() for g in grads[0].values())
+    for index, grad in grads[0].items():
+        if grad.norm() <= 1e-6 * largest:
+            continue  # mathematically zero (cancelled by a normalisation): pure rounding noise
+        error = (grads[1][index] - grad).norm() / grad.norm()
+        assert error <= 1e-4, f"parameter {index}: relative gradient difference {error:.2e}"
     # evaluation covered every validation image exactly once, whatever the process count
     for run in ("one", "two"):
         results = json.loads((tmp_path / run / "results_val.json").read_text())

@@ -156,17 +156,12 @@ class GoldenCase:
         return self.config.model.decoder.num_layers
 
     def batch(self) -> ImageBatch:
-        images = [self.inputs[k] for k in sorted(k for k in self.inputs if k.startswith("image."))]
-        mask = self.inputs["batch.mask"].bool()
-        pixels = torch.zeros(len(images), 3, *mask.shape[1:])
-        for i, image in enumerate(images):
-            pixels[i, :, : image.shape[1], : image.shape[2]] = image
-        sizes = torch.tensor([image.shape[1:] for image in images])
+        batch = inputs_batch(self.inputs)
         # What the original consumed besides the inputs file (SMCA reads each unpadded size).
-        recorded = [self.tensors.get(f"input.size.{i}") for i in range(len(images))]
+        recorded = [self.tensors.get(f"input.size.{i}") for i in range(len(batch.pixels))]
         if all(size is not None for size in recorded):
-            sizes = torch.stack(recorded)
-        return ImageBatch(pixels, mask, sizes)
+            batch = ImageBatch(batch.pixels, batch.mask, torch.stack(recorded))
+        return batch
 
     def targets(self) -> list[Target]:
         count = len([k for k in self.inputs if k.startswith("image.")])
@@ -291,6 +286,17 @@ class GoldenCase:
             )
             for i, (src, tgt) in enumerate(matches)
         ]
+
+
+def inputs_batch(inputs: dict[str, torch.Tensor]) -> ImageBatch:
+    """The zero-padded batch of an inputs file's ``image.{i}`` [3, H_i, W_i] with its
+    ``batch.mask`` (True on padding) and each image's (h, w)."""
+    images = [inputs[k] for k in sorted(k for k in inputs if k.startswith("image."))]
+    mask = inputs["batch.mask"].bool()
+    pixels = torch.zeros(len(images), 3, *mask.shape[1:])
+    for i, image in enumerate(images):
+        pixels[i, :, : image.shape[1], : image.shape[2]] = image
+    return ImageBatch(pixels, mask, torch.tensor([image.shape[1:] for image in images]))
 
 
 def shipped_case(name: str) -> Path:

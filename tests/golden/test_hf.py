@@ -35,6 +35,7 @@ from tests.golden.golden_case import (
     GOLDEN_DIR,
     case_format,
     case_id,
+    inputs_batch,
     list_cases,
     official_state_dict,
 )
@@ -113,12 +114,7 @@ class HfCase:
         return self.loaded.config.model.decoder.num_layers
 
     def batch(self) -> ImageBatch:
-        images = [self.inputs[k] for k in sorted(k for k in self.inputs if k.startswith("image."))]
-        mask = self.inputs["batch.mask"].bool()
-        pixels = torch.zeros(len(images), 3, *mask.shape[1:])
-        for i, image in enumerate(images):
-            pixels[i, :, : image.shape[1], : image.shape[2]] = image
-        return ImageBatch(pixels, mask, torch.tensor([image.shape[1:] for image in images]))
+        return inputs_batch(self.inputs)
 
     def targets(self) -> list[Target]:
         count = len([k for k in self.inputs if k.startswith("image.")])
