@@ -335,7 +335,8 @@ def main() -> None:
     (args.out / "convergence.json").write_text(json.dumps(report, indent=1) + "\n")
     plot(results, args.out / "convergence.png")
     print(
-        f"\n{PRESET} on {args.images} synthetic images ({VAL_IMAGES} val), {args.epochs} epochs, "
+        f"\n{', '.join(sorted({ARM_PRESETS.get(a, PRESET) for a in args.arms}))} on "
+        f"{args.images} synthetic images ({VAL_IMAGES} val), {args.epochs} epochs, "
         f"seed {args.seed}, {args.device}, {torch.get_num_threads()} threads; 1-minute load "
         f"average {load['before']:.2f} before, {load['after']:.2f} after\n"
     )
