@@ -328,3 +328,30 @@ class CodetrCase:
             for name, value in ours.items()
             if name in self.tensors
         }
+
+
+# Proposals whose RPN scores differ by less than this are tied: float rounding of the maps
+# (about 1e-6 from the official ones) may order them either way.
+TIED_SCORE = 1e-6
+
+
+def assert_boxes_equal_up_to_tied_proposals(
+    ours: torch.Tensor, recorded: torch.Tensor, proposals: torch.Tensor, atol: float
+) -> torch.Tensor:
+    """``ours`` and ``recorded`` [N, 4] xyxy pixels are equal row by row within ``atol``,
+    except rows where each side holds a different one of two tied RPN proposals
+    (``proposals`` [P, 5]: recorded xyxy + score). Returns the [N] bool mask of such rows."""
+    close = torch.isclose(ours, recorded, rtol=1e-5, atol=atol).all(-1)
+    swapped = ~close
+    for row in swapped.nonzero().flatten().tolist():
+        ours_at = _proposal_index(ours[row], proposals, atol)
+        recorded_at = _proposal_index(recorded[row], proposals, atol)
+        assert ours_at is not None and recorded_at is not None, f"row {row}: not a proposal"
+        gap = abs(proposals[ours_at, 4] - proposals[recorded_at, 4]).item()
+        assert gap <= TIED_SCORE, f"row {row}: proposals {ours_at}/{recorded_at}, score gap {gap}"
+    return swapped
+
+
+def _proposal_index(box: torch.Tensor, proposals: torch.Tensor, atol: float) -> int | None:
+    found = torch.isclose(proposals[:, :4], box, rtol=1e-5, atol=atol).all(-1).nonzero()
+    return int(found[0]) if len(found) else None

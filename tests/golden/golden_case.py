@@ -160,7 +160,7 @@ class GoldenCase:
         # What the original consumed besides the inputs file (SMCA reads each unpadded size).
         recorded = [self.tensors.get(f"input.size.{i}") for i in range(len(batch.pixels))]
         if all(size is not None for size in recorded):
-            batch = ImageBatch(batch.pixels, batch.mask, torch.stack(recorded))
+            batch = ImageBatch(batch.pixels, batch.padding_mask, torch.stack(recorded))
         return batch
 
     def targets(self) -> list[Target]:

@@ -34,6 +34,7 @@ from detrkit.models.dense.roi_head import RoIHead, Shared2FCBBoxHead
 from detrkit.models.dense.rpn import ProposalSettings, RPNHead, mmcv_batched_nms
 from detrkit.schemes.randomness import RandomSource, ReplayedDraws
 from detrkit.structures import DenseLoss
+from tests.golden.codetr_case import assert_boxes_equal_up_to_tied_proposals
 from tests.golden.golden_case import GOLDEN_DIR
 
 CASE_DIR = GOLDEN_DIR / "codetr"
@@ -369,14 +370,18 @@ def test_rpn_outputs_and_losses_match_recording(dino: Maps):
 
 
 def test_rpn_proposals_match_recording(dino: Maps):
-    """Same proposals in the same order; coordinates within 1e-5 of the image's extent (the
-    maps differ from the official ones by ~1e-6, so near-zero corners differ relatively more)."""
+    """Same proposals in the same order, except that two whose scores tie within float rounding
+    may be swapped; coordinates within 1e-5 of the image's extent (the maps differ from the
+    official ones by ~1e-6, so near-zero corners differ relatively more)."""
     out = _rpn_step(dino)
     for image, proposals in enumerate(out.proposals):
         recorded = dino.case.t(f"rpn.proposals.{image}")
         assert proposals.shape == recorded.shape
         extent = float(max(dino.case.metas[image]["img_shape"][:2]))
-        torch.testing.assert_close(proposals[:, :4], recorded[:, :4], rtol=1e-5, atol=1e-5 * extent)
+        swapped = assert_boxes_equal_up_to_tied_proposals(
+            proposals[:, :4], recorded[:, :4], recorded, atol=1e-5 * extent
+        )
+        assert swapped.sum() % 2 == 0 and swapped.sum() <= 4, swapped.nonzero().flatten()
         torch.testing.assert_close(proposals[:, 4], recorded[:, 4], **FLOAT_TOL)
 
 
