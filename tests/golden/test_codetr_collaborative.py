@@ -14,6 +14,8 @@ decoder inputs and outputs). Co-Deformable-DETR's training step:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -104,27 +106,38 @@ class Step:
             ReplayedDraws(self._draws(True)),
             ReplayedDraws(self._draws(False)),
         )
-        select = collab.select
-
-        def recording_select(found, sizes):
-            chosen = select(found, sizes)
-            self.selections.append((found, chosen))
-            return chosen
-
-        collab.select = recording_select
-        hook = model.decoder.register_forward_hook(
-            lambda module, args, out: self.decoder_inputs.append(args[0])
-        )
         try:
-            model.train()
-            output = model(self.case.batch(), self.case.targets())
+            with recording(model, self.selections, self.decoder_inputs):
+                output = model(self.case.batch(), self.case.targets())
             self.remaining = (dn.random.remaining, collab.random.remaining)
         finally:
-            hook.remove()
-            del collab.select
             dn.random, collab.random = RandomSource(), RandomSource()
-            model.eval()
         return output
+
+
+@contextmanager
+def recording(model, selections: list, decoder_inputs: list) -> Iterator[None]:
+    """Train mode for the block, recording every positive-query selection of the
+    collaborative scheme as (candidates, chosen) and every decoder pass's input queries."""
+    collab = model.schemes["collaborative"]
+    select = collab.select
+
+    def recording_select(found, sizes):
+        chosen = select(found, sizes)
+        selections.append((found, chosen))
+        return chosen
+
+    collab.select = recording_select
+    hook = model.decoder.register_forward_hook(
+        lambda module, args, out: decoder_inputs.append(args[0])
+    )
+    try:
+        model.train()
+        yield
+    finally:
+        hook.remove()
+        del collab.select
+        model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from tests.golden.test_codetr_collaborative import (
     assert_every_loss_and_the_total_match,
     assert_every_matcher_call_matches,
     collaborative_options,
+    recording,
 )
 
 CASE = GOLDEN_DIR / "codetr" / "co_deformable_detr_r18.json"
@@ -65,26 +66,12 @@ class Step:
         model = self.model
         collab = model.schemes["collaborative"]
         collab.random = ReplayedDraws(self._draws())
-        select = collab.select
-
-        def recording_select(found, sizes):
-            chosen = select(found, sizes)
-            self.selections.append((found, chosen))
-            return chosen
-
-        collab.select = recording_select
-        hook = model.decoder.register_forward_hook(
-            lambda module, args, out: self.decoder_inputs.append(args[0])
-        )
         try:
-            model.train()
-            output = model(self.case.batch(), self.case.targets())
+            with recording(model, self.selections, self.decoder_inputs):
+                output = model(self.case.batch(), self.case.targets())
             self.remaining = collab.random.remaining
         finally:
-            hook.remove()
-            del collab.select
             collab.random = RandomSource()
-            model.eval()
         return output
 
 
