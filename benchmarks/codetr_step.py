@@ -4,24 +4,41 @@
 Co-Deformable-DETR: R50, 300 queries, two-stage + refinement + mixed selection +
 look-forward-twice, with the collaborative scheme (RPN + RoI and ATSS auxiliary heads, one
 positive-query pass per head). Base: the same detector without the scheme. Random weights, 91
-classes, ``--boxes`` boxes per image, one AdamW step per measured step; times interleaved
-(A B A B) in one process, median of ``--repeats``. Peak memory: each arm runs one more step in a
-fresh subprocess; on the CPU it is the process's maximum RSS minus its RSS just before the first
-step (the imports and the model itself are not counted), on CUDA ``max_memory_allocated``.
+classes, 10 boxes per image, batch 1, one AdamW step per measured step; with ``--precision
+bf16`` the forward pass runs under ``torch.autocast(device, bfloat16)``, the criterion and the
+backward pass outside it (as in ``dino_step.py``, whose ``Arm`` this script uses). Times
+interleaved (A B A B) in one process after ``--warmup`` steps, median of ``--repeats``, the
+device synchronised around every timed step. Peak memory: each arm runs two steps in a fresh
+subprocess; the peak is what they need beyond the model and its inputs (CUDA:
+``max_memory_allocated`` minus ``memory_allocated`` before; CPU: peak RSS minus RSS before), so
+the imports and the weights are not counted.
 
-    python benchmarks/codetr_step.py [--device cpu|cuda] [--size 640] [--repeats 3]
+Usage::
+
+    .venv/bin/python benchmarks/codetr_step.py [--device cpu|cuda] [--precision fp32|bf16]
+        [--size 640] [--repeats 3] [--warmup 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import statistics
-import subprocess
 import sys
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    add_common_args,
+    check_device,
+    common_argv,
+    header,
+    interleaved_times,
+    markdown_table,
+    medians,
+    print_child_result,
+    run_child,
+    step_peak_mb,
+)
 from dino_step import Arm, _batch  # noqa: E402  (same folder)
 
 ARMS = {
@@ -34,71 +51,57 @@ ARMS = {
         ["model.schemes.collaborative=null"],
     ),
 }
+BOXES = 10
 
 
-def _peak_memory_mib(name: str, size: int, device: str) -> float:
-    """One step of arm ``name`` in a fresh process; its peak memory in MiB."""
-    done = subprocess.run(
-        [sys.executable, __file__, "--measure", name, "--size", str(size), "--device", device],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
-
-
-def _current_rss_kib() -> int:
-    with open("/proc/self/status") as status:
-        line = next(row for row in status if row.startswith("VmRSS:"))
-    return int(line.split()[1])
-
-
-def _measure(name: str, size: int, device: torch.device) -> None:
-    images, targets = _batch(1, size, 10, device)
-    arm = Arm(*ARMS[name], device, "fp32")
-    if device.type == "cuda":
-        arm.step(images, targets)  # warm-up: allocator caches, lazy init
-        torch.cuda.reset_peak_memory_stats()
-        arm.step(images, targets)
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        before = _current_rss_kib()
-        arm.step(images, targets)
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    print(json.dumps({"peak_mib": peak}))
+def _peak_memory_mib(name: str, args) -> float:
+    """Two steps of arm ``name`` in a fresh process; the memory they need, in MiB."""
+    argv = ["--measure", name, "--size", str(args.size), *common_argv(args)]
+    return run_child(__file__, argv)["peak_mib"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
+    add_common_args(parser)
     parser.add_argument("--size", type=int, default=640)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device = check_device(args.device)
+    images, targets = _batch(1, args.size, BOXES, device)
     if args.measure:
-        _measure(args.measure, args.size, device)
+        arm = Arm(*ARMS[args.measure], device, args.precision)
+        peak = step_peak_mb(lambda: arm.step(images, targets), device)
+        print_child_result({"peak_mib": peak})
         return
-    images, targets = _batch(1, args.size, 10, device)
-    arms = {name: Arm(*arm, device, "fp32") for name, arm in ARMS.items()}
-    times = {name: [] for name in arms}
-    for repeat in range(1 + args.repeats):
-        for name, arm in arms.items():
-            seconds = arm.step(images, targets)
-            if repeat:
-                times[name].append(seconds)
-    memory = {name: _peak_memory_mib(name, args.size, args.device) for name in arms}
+    arms = {name: Arm(*arm, device, args.precision) for name, arm in ARMS.items()}
+    steps = {name: (lambda arm=arm: arm.step(images, targets)) for name, arm in arms.items()}
+    seconds = medians(interleaved_times(steps, device, args.repeats, args.warmup))
+    del arms, steps
+    memory = {name: _peak_memory_mib(name, args) for name in ARMS}
     base = list(ARMS)[1]
-    print(f"{args.size}x{args.size}, batch 1, 10 boxes/image, {args.device}, fp32\n")
-    print("| model | step (s) | vs base | peak memory of a step (MiB) | vs base |")
-    print("|---|---|---|---|---|")
-    for name in arms:
-        median = statistics.median(times[name])
-        ratio = median / statistics.median(times[base])
-        print(
-            f"| {name} | {median:.2f} | {ratio:.2f}x | {memory[name]:.0f} "
-            f"| {memory[name] / memory[base]:.2f}x |"
+    print(
+        header(
+            device,
+            args.precision,
+            image=f"{args.size}x{args.size}",
+            batch=1,
+            boxes_per_image=BOXES,
+            repeats=f"{args.repeats} (median, interleaved, after {args.warmup} warm-up)",
         )
+        + "\n"
+    )
+    columns = ["model", "step (s)", "vs base", "peak memory of a step (MiB)", "vs base"]
+    rows = [
+        [
+            name,
+            f"{seconds[name]:.2f}",
+            f"{seconds[name] / seconds[base]:.2f}x",
+            f"{memory[name]:.0f}",
+            f"{memory[name] / memory[base]:.2f}x",
+        ]
+        for name in ARMS
+    ]
+    print(markdown_table(columns, rows))
 
 
 if __name__ == "__main__":

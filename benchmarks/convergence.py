@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Convergence study: one-to-one vs one-to-many supervision of a tiny Deformable DETR, on CPU.
+"""Convergence study: one-to-one vs one-to-many supervision of a tiny Deformable DETR.
 
 Trains the preset ``deformable_detr_tiny`` (ResNet-18 from scratch, D=64, 20 queries, two-stage +
 iterative refinement) on the synthetic shapes of ``detrkit/data/synth.py``, four ways, with the
@@ -21,7 +21,9 @@ that of the supervision. ``--arms co_deformable_base co_deformable`` trains Co-D
 (``co_deformable_detr_tiny``: the collaborative RPN/RoI and ATSS heads and their positive
 queries) next to the same detector with the scheme off.
 
-Each arm runs in this process through ``detrkit.engine.trainer.Trainer`` (CPU, fp32) and is
+Each arm runs in this process through ``detrkit.engine.trainer.Trainer`` (on ``--device``, CPU
+by default, with ``train.precision`` set to ``--precision``, fp32 by default: bf16 autocasts the
+model's forward, the trainer keeps the losses in fp32) and is
 evaluated on the validation split every ``--eval-every`` epochs and at the end. AP and AP50 come
 from the ``metrics.jsonl`` the trainer writes in ``OUT/<arm>/``. Training seconds are wall-clock
 seconds of the training loop, without evaluations and checkpoint writes (timed separately); the
@@ -48,7 +50,8 @@ and prints a Markdown table. The defaults take about 20 minutes on an idle 2-cor
     .venv/bin/python benchmarks/convergence.py --epochs 30 --eval-every 3 --images 256 --seed 0 \
         --out runs/convergence
 
-(``--arms hybrid both`` runs a subset; ``--threads`` sets torch's CPU threads.)
+(``--arms hybrid both`` runs a subset; ``--threads`` sets torch's CPU threads; ``--device cuda``
+and ``--precision bf16`` train on the GPU / in bf16 autocast.)
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,12 +69,16 @@ from typing import Any
 
 import torch
 
-from detrkit.config.load import load_config
-from detrkit.config.schema import ExperimentConfig
-from detrkit.data.synth import write_synthetic_coco
-from detrkit.engine.logging import read_jsonl
-from detrkit.engine.summary import display_epoch
-from detrkit.engine.trainer import Trainer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import check_device, header  # noqa: E402
+
+from detrkit.config.load import load_config  # noqa: E402
+from detrkit.config.schema import ExperimentConfig  # noqa: E402
+from detrkit.data.synth import write_synthetic_coco  # noqa: E402
+from detrkit.engine.logging import read_jsonl  # noqa: E402
+from detrkit.engine.summary import display_epoch  # noqa: E402
+from detrkit.engine.trainer import Trainer  # noqa: E402
 
 PRESET = "deformable_detr_tiny"
 HYBRID = ("model.schemes.hybrid.num_queries=100", "model.schemes.hybrid.repeat_k=6")
@@ -204,7 +212,7 @@ def shared_overrides(arm: str, data_root: Path, args: argparse.Namespace) -> tup
         f"train.eval_every={args.eval_every}",
         f"train.lr_drop={lr_drop}",
         f"train.seed={args.seed}",
-        "train.precision=fp32",
+        f"train.precision={args.precision}",
         "train.keep_last=1",
         "train.log_every=1",
     )
@@ -296,6 +304,7 @@ def settings(data_root: Path, args: argparse.Namespace) -> dict:
         val_images=VAL_IMAGES,
         seed=args.seed,
         device=args.device,
+        precision=args.precision,
         threads=torch.get_num_threads(),
         torch=torch.__version__,
     )
@@ -309,7 +318,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="data and training seed")
     parser.add_argument("--out", type=Path, default=Path("runs/convergence"))
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(DEFAULT_ARMS))
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
     if args.epochs < 1 or args.eval_every < 1:
@@ -319,6 +329,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
@@ -337,8 +348,8 @@ def main() -> None:
     print(
         f"\n{', '.join(sorted({ARM_PRESETS.get(a, PRESET) for a in args.arms}))} on "
         f"{args.images} synthetic images ({VAL_IMAGES} val), {args.epochs} epochs, "
-        f"seed {args.seed}, {args.device}, {torch.get_num_threads()} threads; 1-minute load "
-        f"average {load['before']:.2f} before, {load['after']:.2f} after\n"
+        f"seed {args.seed}; 1-minute load average {load['before']:.2f} before, "
+        f"{load['after']:.2f} after\n{header(args.device, args.precision)}\n"
     )
     print(markdown_table(results))
     print(

@@ -5,29 +5,46 @@ DINO: R50, 4 scales, 900 queries, contrastive denoising (dn_number 100), mixed q
 look-forward-twice. Base: Deformable DETR R50 two-stage + iterative refinement, 300 queries,
 with DINO's FFN width and dropout, so the ratio is the cost of what DINO adds; a third arm is
 the base as published (narrower FFNs, dropout). All random weights, 91 classes, ``--boxes``
-ground-truth boxes per image, one optimiser step (AdamW) per measured step. The arms run
-interleaved (A B C A B C) in one process; the table gives the median of ``--repeats`` timings
-and the ratio to the base. It also counts, inside the criterion, what
-would synchronise with an accelerator: the host transfers of matching (one per step, whatever
-the number of groups and layers) and ``Tensor.item()`` calls.
+ground-truth boxes per image, one optimiser step (AdamW) per measured step. With
+``--precision bf16`` the model's forward runs under ``torch.autocast(device, bfloat16)``, the
+criterion (matching, losses) and the backward pass outside it, as detrkit's engine does. The arms
+run interleaved (A B C A B C) in one process after ``--warmup`` steps each, the device
+synchronised around every timed step; the table gives the median of ``--repeats`` timings and
+the ratio to the base. It also counts, inside the criterion, what would synchronise with an
+accelerator: the host transfers of matching (one per step, whatever the number of groups and
+layers) and ``Tensor.item()`` calls.
 
-    python benchmarks/dino_step.py [--device cpu|cuda] [--size 512] [--batch 1] [--repeats 3]
-        [--precision fp32|bf16]
+Usage::
+
+    .venv/bin/python benchmarks/dino_step.py [--device cpu|cuda] [--precision fp32|bf16]
+        [--size 512] [--batch 1] [--boxes 10] [--repeats 3] [--warmup 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-from detrkit.config.build import build_criterion, build_model
-from detrkit.config.load import load_config
-from detrkit.engine.optim import make_adamw
-from detrkit.structures import ImageBatch, Target
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    add_common_args,
+    autocast,
+    check_device,
+    header,
+    interleaved_times,
+    markdown_table,
+    medians,
+)
+
+from detrkit.config.build import build_criterion, build_model  # noqa: E402
+from detrkit.config.load import load_config  # noqa: E402
+from detrkit.engine.optim import make_adamw  # noqa: E402
+from detrkit.structures import ImageBatch, Target  # noqa: E402
 
 NUM_CLASSES = 91
 # DINO's published model uses 2048-wide FFNs without dropout, Deformable DETR's 1024 with 0.1:
@@ -105,10 +122,9 @@ class Arm:
         self.device, self.precision = device, precision
         self.transfers = {}
 
-    def step(self, images, targets) -> float:
-        dtype = torch.bfloat16 if self.precision == "bf16" else None
-        start = time.perf_counter()
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+    def step(self, images, targets) -> None:
+        """One training step: forward (autocast in bf16), criterion in fp32, backward, AdamW."""
+        with autocast(self.device, self.precision):
             output = self.model(images, targets)
         with counting_host_transfers() as counts:
             losses = self.criterion(output, targets)
@@ -116,44 +132,44 @@ class Arm:
         self.optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
         self.optimizer.step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
+    add_common_args(parser)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--boxes", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device = check_device(args.device)
     images, targets = _batch(args.batch, args.size, args.boxes, device)
     arms = {name: Arm(*arm, device, args.precision) for name, arm in ARMS.items()}
-    times = {name: [] for name in arms}
-    for repeat in range(args.warmup + args.repeats):
-        for name, arm in arms.items():  # interleaved: A B A B
-            seconds = arm.step(images, targets)
-            if repeat >= args.warmup:
-                times[name].append(seconds)
-    base = statistics.median(times[BASE])
+    steps = {name: (lambda arm=arm: arm.step(images, targets)) for name, arm in arms.items()}
+    seconds = medians(interleaved_times(steps, device, args.repeats, args.warmup))
+    base = seconds[BASE]
     print(
-        f"{args.size}x{args.size}, batch {args.batch}, {args.boxes} boxes/image, "
-        f"{args.device}, {args.precision}, median of {args.repeats}\n"
-    )
-    print("| model | step (s) | vs base | matching transfers / step | `.item()` / step |")
-    print("|---|---|---|---|---|")
-    for name, arm in arms.items():
-        median = statistics.median(times[name])
-        counts = arm.transfers
-        print(
-            f"| {name} | {median:.2f} | {median / base:.2f}x | {counts['matching']} "
-            f"| {counts['item']} |"
+        header(
+            device,
+            args.precision,
+            image=f"{args.size}x{args.size}",
+            batch=args.batch,
+            boxes_per_image=args.boxes,
+            repeats=f"{args.repeats} (median, interleaved, after {args.warmup} warm-up)",
         )
+        + "\n"
+    )
+    columns = ["model", "step (s)", "vs base", "matching transfers / step", "`.item()` / step"]
+    rows = [
+        [
+            name,
+            f"{seconds[name]:.2f}",
+            f"{seconds[name] / base:.2f}x",
+            arm.transfers["matching"],
+            arm.transfers["item"],
+        ]
+        for name, arm in arms.items()
+    ]
+    print(markdown_table(columns, rows))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,13 @@ them), exported with ``detrkit.export.onnx.export_onnx`` (static graph at ``--si
 export's own parity check runs) and then timed on one deterministic batch-1 input: the same
 module both ways, backbone to postprocessed detections (``DeployableDetector``). The two
 runtimes alternate run by run (interleaved, so a load change on the machine hits both alike);
-the table gives the medians of ``--repeats`` runs after one warm-up run each, and the largest
-difference between their outputs (boxes as a fraction of the image size, scores).
+the table gives the medians of ``--repeats`` runs after ``--warmup`` runs each (the device
+synchronised around every run), and the largest difference between their outputs (boxes as a
+fraction of the image size, scores).
+
+``--precision bf16`` applies to the PyTorch column only: its forward runs under
+``torch.autocast(device, bfloat16)``; the ONNX graph is exported and run in fp32, so the
+difference column then includes the bf16 rounding.
 
 PyTorch runs the fused deformable attention (its default), onnxruntime the exported
 ``grid_sample`` formulation. Both use all the CPU's threads unless ``--threads`` says otherwise.
@@ -17,14 +22,14 @@ With ``--device cuda`` PyTorch runs on the GPU and onnxruntime on its CUDAExecut
 Usage::
 
     .venv/bin/python benchmarks/inference.py [--families detr deformable dino smca]
-        [--size 800 1333] [--repeats 10] [--device cpu|cuda] [--threads N]
+        [--size 800 1333] [--repeats 10] [--warmup 1] [--device cpu|cuda]
+        [--precision fp32|bf16] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -33,7 +38,17 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    add_common_args,
+    autocast,
+    check_device,
+    header,
+    interleaved_times,
+    markdown_table,
+    medians,
+)
 
 from detrkit.config.build import build_model, build_postprocess  # noqa: E402
 from detrkit.config.load import load_config  # noqa: E402
@@ -62,11 +77,11 @@ class Row:
     box_diff: float
     score_diff: float
 
-    def markdown(self) -> str:
+    def cells(self) -> list[str]:
         ort = "n/a" if self.ort_ms is None else f"{self.ort_ms:.1f}"
         ratio = "n/a" if self.ort_ms is None else f"{self.ort_ms / self.torch_ms:.2f}"
         diff = f"boxes {self.box_diff:.1e}, scores {self.score_diff:.1e}"
-        return f"| {self.name} | {self.torch_ms:.1f} | {ort} | {ratio} | {diff} |"
+        return [self.name, f"{self.torch_ms:.1f}", ort, ratio, diff]
 
 
 def build(family: str) -> LoadedModel:
@@ -96,14 +111,8 @@ def ort_session(path: Path, device: str, threads: int | None):
     return onnxruntime.InferenceSession(str(path), options, providers=providers)
 
 
-def timed(run, sync) -> float:
-    start = time.perf_counter()
-    run()
-    sync()
-    return (time.perf_counter() - start) * 1000
-
-
-def bench(family: str, size: tuple[int, int], repeats: int, device: str, threads) -> Row:
+def bench(family: str, size: tuple[int, int], args) -> Row:
+    device, threads = args.device, args.threads
     loaded = build(family)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"{family}.onnx"
@@ -118,37 +127,37 @@ def bench(family: str, size: tuple[int, int], repeats: int, device: str, threads
         pixels, orig_sizes = sample_input(1, *size)
         feeds = {"pixels": pixels.numpy(), "orig_sizes": orig_sizes.numpy()}
         on_device = pixels.to(device), orig_sizes.to(device)
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
         def run_torch():
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(device, args.precision):
                 return module.detections(*on_device)
 
         def run_ort():
             return session.run(None, feeds)
 
-        torch_times, ort_times = [], []
-        timed(run_torch, sync)
+        runs = {"torch": run_torch}
         if session is not None:
-            timed(run_ort, sync)
-        for _ in range(repeats):
-            torch_times.append(timed(run_torch, sync))
-            if session is not None:
-                ort_times.append(timed(run_ort, sync))
+            runs["ort"] = run_ort
+        seconds = medians(interleaved_times(runs, device, args.repeats, args.warmup))
         box_diff, score_diff = report.parity[0].box_diff_relative, report.parity[0].score_diff
         if session is not None:
             # The timed runtimes' own outputs (on CUDA they differ from the CPU export check).
             expected = run_torch()
             boxes, scores, labels = (torch.from_numpy(a) for a in run_ort())
-            expected = GraphOutputs(*(t.cpu() for t in expected.as_tuple()))
+            expected = GraphOutputs(
+                *(
+                    t.cpu().float() if t.is_floating_point() else t.cpu()
+                    for t in expected.as_tuple()
+                )
+            )
             result = measure(
                 expected, GraphOutputs(boxes, scores, labels), orig_sizes, module_is_ranked(module)
             )
             box_diff, score_diff = result.box_diff_relative, result.score_diff
     return Row(
         FAMILIES[family][0],
-        statistics.median(torch_times),
-        statistics.median(ort_times) if ort_times else None,
+        seconds["torch"] * 1000,
+        seconds["ort"] * 1000 if "ort" in seconds else None,
         box_diff,
         score_diff,
     )
@@ -156,26 +165,27 @@ def bench(family: str, size: tuple[int, int], repeats: int, device: str, threads
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(parser, repeats=10, warmup=1)
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
     parser.add_argument("--size", nargs=2, type=int, default=(800, 1333), metavar=("H", "W"))
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of both runtimes")
     args = parser.parse_args()
+    check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     size = tuple(args.size)
     print(
-        f"{args.device}, batch 1, {size[0]}x{size[1]}, median of {args.repeats} interleaved runs; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"load average before {os.getloadavg()[0]:.2f}"
+        header(
+            args.device,
+            f"{args.precision} (PyTorch column; onnxruntime fp32)",
+            input=f"batch 1, {size[0]}x{size[1]}",
+            repeats=f"{args.repeats} (median, interleaved, after {args.warmup} warm-up)",
+        )
     )
-    rows = [bench(f, size, args.repeats, args.device, args.threads) for f in args.families]
+    rows = [bench(f, size, args) for f in args.families]
     print()
-    print("| family | torch ms | onnxruntime ms | ratio | max diff |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        print(row.markdown())
+    columns = ["family", "torch ms", "onnxruntime ms", "ratio", "max diff"]
+    print(markdown_table(columns, [row.cells() for row in rows]))
     print(f"\nload average after {os.getloadavg()[0]:.2f}")
 
 

@@ -31,19 +31,81 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detrkit.ops.ms_deform_attn import ms_deform_attn  # noqa: E402
+from detrkit.ops.ms_deform_attn import fused_path, ms_deform_attn  # noqa: E402
 
-LEVEL_SHAPES = [(100, 134), (50, 67), (25, 34), (13, 17)]
 NUM_HEADS, HEAD_DIM, NUM_POINTS = 8, 32, 4
 DECODER_QUERIES = 300
-CASES = [("encoder", 1), ("encoder", 2), ("decoder", 1), ("decoder", 2)]
+
+
+def level_shapes(height: int, width: int, num_levels: int) -> list[tuple[int, int]]:
+    """Feature-map sizes of a ``height`` x ``width`` input: strides 8, 16, 32, 64 (4 levels) or
+    4, 8, 16, 32, 64 (5 levels, DINO / Co-DINO), each a ceil-halving as ResNet's."""
+    shapes, h, w = [], height, width
+    for stride in (2, 2):  # the stem and its max-pool: C2 at stride 4
+        h, w = -(-h // stride), -(-w // stride)
+    for _ in range(5):
+        shapes.append((h, w))
+        h, w = -(-h // 2), -(-w // 2)
+    return shapes[5 - num_levels :]
+
+
+LEVEL_SHAPES = level_shapes(800, 1066, 4)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked shape: encoder (every token a query) or decoder (``queries`` queries)."""
+
+    kind: str
+    batch: int
+    image: tuple[int, int] = (800, 1066)
+    levels: int = 4
+    queries: int = DECODER_QUERIES
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        return level_shapes(*self.image, self.levels)
+
+    @property
+    def num_queries(self) -> int:
+        return sum(h * w for h, w in self.shapes) if self.kind == "encoder" else self.queries
+
+    def label(self) -> str:
+        return f"{self.kind} {self.image[0]}x{self.image[1]} L{self.levels}"
+
+    def argv(self) -> list[str]:
+        return [self.kind, str(self.batch), f"{self.image[0]}x{self.image[1]}"] + [
+            str(self.levels),
+            str(self.queries),
+        ]
+
+    @staticmethod
+    def parse(argv: list[str]) -> Case:
+        height, width = (int(v) for v in argv[2].split("x"))
+        return Case(argv[0], int(argv[1]), (height, width), int(argv[3]), int(argv[4]))
+
+
+CASES = [
+    Case("encoder", 1),
+    Case("encoder", 2),
+    Case("encoder", 2, image=(640, 640)),
+    Case("encoder", 1, image=(640, 640), levels=5),
+    Case("decoder", 2),
+    Case("decoder", 8),
+    Case("decoder", 2, queries=900),
+    Case("decoder", 8, queries=900),
+    Case("decoder", 2, levels=5, queries=900),
+    Case("decoder", 8, levels=5, queries=900),
+]
 IMPLEMENTATIONS = ("reference", "fused")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def make_inputs(
@@ -109,7 +171,14 @@ def _elapsed(inputs: dict, implementation: str, backward: bool, device: torch.de
     return time.perf_counter() - start
 
 
-def worker_memory(kind: str, batch: int, implementation: str, args) -> dict:
+def case_inputs(case: Case, device: torch.device, precision: str) -> dict:
+    """:func:`make_inputs` for ``case``, floating tensors in ``precision``."""
+    inputs = make_inputs(case.kind, case.batch, device, case.shapes, case.queries)
+    dtype = PRECISIONS[precision]
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def worker_memory(case: Case, precision: str, implementation: str, args) -> dict:
     """Peak memory of one forward + backward step, in a fresh process."""
     device = torch.device(args.device)
     # Run every code path once on tiny inputs first, so that loading code and one-time
@@ -117,7 +186,7 @@ def worker_memory(kind: str, batch: int, implementation: str, args) -> dict:
     for tiny_kind, tiny_queries in (("encoder", 0), ("decoder", 1), ("decoder", 64)):
         tiny = make_inputs(tiny_kind, 1, device, [(6, 8), (3, 4)], tiny_queries)
         step(tiny, implementation, backward=True)
-    inputs = make_inputs(kind, batch, device)
+    inputs = case_inputs(case, device, precision)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -133,48 +202,57 @@ def worker_memory(kind: str, batch: int, implementation: str, args) -> dict:
     return dict(peak=peak)
 
 
-def worker_time(kind: str, batch: int, args) -> dict:
-    """Median times of both implementations, one after the other in the same process, and the
-    max |difference| of the output and of each gradient."""
+def worker_time(case: Case, precision: str, args) -> dict:
+    """Median times of both implementations, interleaved run by run (A B A B) in one process,
+    the path the fused op chose, and the max |difference| of the output and each gradient."""
     device = torch.device(args.device)
-    inputs = make_inputs(kind, batch, device)
-    results = {}
+    inputs = case_inputs(case, device, precision)
+    results = {impl: dict(forward=[], both=[]) for impl in IMPLEMENTATIONS}
     for impl in IMPLEMENTATIONS:
         out, grads = step(inputs, impl, backward=True)  # the numbers to compare
-        results[impl] = dict(out=out.detach(), grads=grads)
+        results[impl].update(out=out.detach().float(), grads=[g.float() for g in grads])
+    for backward in (False, True):
         # The allocator takes a few steps to settle on these sizes (glibc raises its mmap
         # threshold as big blocks are freed), so warm up on the measured step itself.
-        for backward in (False, True):
-            for _ in range(args.warmup):
+        for _ in range(args.warmup):
+            for impl in IMPLEMENTATIONS:
                 step(inputs, impl, backward)
-            times = [_elapsed(inputs, impl, backward, device) for _ in range(args.repeats)]
-            results[impl]["both" if backward else "forward"] = times
+        for _ in range(args.repeats):
+            for impl in IMPLEMENTATIONS:
+                results[impl]["both" if backward else "forward"].append(
+                    _elapsed(inputs, impl, backward, device)
+                )
     ref, fused = results["reference"], results["fused"]
     summary = {
         f"{impl}_{key}": statistics.median(results[impl][key])
         for impl in IMPLEMENTATIONS
         for key in ("forward", "both")
     }
+    summary["path"] = fused_path(
+        inputs["value"], inputs["shapes"], inputs["locations"], needs_value_grad=True
+    )
     summary["out"] = (fused["out"] - ref["out"]).abs().max().item()
     summary["out_scale"] = ref["out"].abs().max().item()
     for name, a, b in zip(("value", "locations", "weights"), fused["grads"], ref["grads"]):
         summary[name] = (a - b).abs().max().item()
         summary[name + "_scale"] = b.abs().max().item()
-    # The same comparison in float64, and the reference's own float32 rounding error.
+    # The same comparison in float64 (relative to each tensor's largest magnitude).
     double = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
     exact = [step(double, impl, backward=True) for impl in IMPLEMENTATIONS]
     exact = [[out.detach(), *grads] for out, grads in exact]
-    summary["f64"] = max((a - b).abs().max().item() for a, b in zip(*exact))
-    summary["f32_error"] = (ref["out"].double() - exact[0][0]).abs().max().item()
+    summary["f64"] = max(
+        ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item() for a, b in zip(*exact)
+    )
     return summary
 
 
-def run_worker(args, *task: str) -> dict:
+def run_worker(args, case: Case, precision: str, task: str) -> dict:
     command = [sys.executable, __file__, "--device", args.device]
     command += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
-    result = subprocess.run(
-        [*command, "--worker", *task], capture_output=True, text=True, check=True
-    )
+    command += ["--worker", *case.argv(), precision, task]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{case.label()} {precision} {task} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -182,49 +260,62 @@ def _diff(result: dict, name: str) -> str:
     return f"{result[name]:.1e} ({result[name + '_scale']:.3g})"
 
 
+HEADER = (
+    "| shape | dtype | N | Lq | fused path | ref fwd ms | fused fwd ms | speed-up fwd "
+    "| ref fwd+bwd ms | fused fwd+bwd ms | speed-up fwd+bwd | ref peak MiB | fused peak MiB "
+    "| memory ratio | max abs diff out (max abs out) | d value | d loc | d attn "
+    "| max rel diff f64 |"
+)
+
+
+def table_row(case: Case, precision: str, args) -> str:
+    """One Markdown row: peaks from fresh processes, then the interleaved timings."""
+    peaks = {impl: run_worker(args, case, precision, impl)["peak"] for impl in IMPLEMENTATIONS}
+    t = run_worker(args, case, precision, "time")
+    cells = [case.label(), precision, str(case.batch), str(case.num_queries), t["path"]]
+    for key in ("forward", "both"):
+        ref, fused = t[f"reference_{key}"], t[f"fused_{key}"]
+        cells += [f"{ref * 1e3:.1f}", f"{fused * 1e3:.1f}", f"**{ref / fused:.2f}x**"]
+    cells += [f"{peaks[impl] / 2**20:.0f}" for impl in IMPLEMENTATIONS]
+    cells.append(f"{peaks['fused'] / max(peaks['reference'], 1):.2f}")
+    cells += [_diff(t, name) for name in ("out", "value", "locations", "weights")]
+    cells.append(f"{t['f64']:.1e}")
+    return "| " + " | ".join(cells) + " |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=[*PRECISIONS, "both"], default="both")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--kinds", nargs="+", choices=["encoder", "decoder"])
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        kind, batch, task = args.worker[0], int(args.worker[1]), args.worker[2]
+        case, precision, task = Case.parse(args.worker[:5]), args.worker[5], args.worker[6]
         if task == "time":
-            print(json.dumps(worker_time(kind, batch, args)))
+            print(json.dumps(worker_time(case, precision, args)))
         else:
-            print(json.dumps(worker_memory(kind, batch, task, args)))
+            print(json.dumps(worker_memory(case, precision, task, args)))
         return
 
+    precisions = list(PRECISIONS) if args.precision == "both" else [args.precision]
+    cases = [c for c in CASES if args.kinds is None or c.kind in args.kinds]
     print(f"device: {args.device}; torch {torch.__version__}; threads {torch.get_num_threads()}")
     print(f"load average before: {os.getloadavg()[0]:.2f}; warm-up {args.warmup}, ", end="")
-    print(f"repeats {args.repeats}\n")
-    print(
-        "| shape | N | Lq | ref fwd ms | fused fwd ms | speed-up fwd | ref fwd+bwd ms "
-        "| fused fwd+bwd ms | speed-up fwd+bwd | ref peak MiB | fused peak MiB "
-        "| max abs diff out (max abs out) | d value | d loc | d attn "
-        "| f32 error of ref out | max abs diff f64 |"
-    )
-    print("|" + "---|" * 17)
-    for kind, batch in CASES:
-        num_queries = sum(h * w for h, w in LEVEL_SHAPES) if kind == "encoder" else DECODER_QUERIES
-        peaks = {impl: run_worker(args, kind, str(batch), impl)["peak"] for impl in IMPLEMENTATIONS}
-        t = run_worker(args, kind, str(batch), "time")
-        cells = [kind, str(batch), str(num_queries)]
-        for key in ("forward", "both"):
-            ref, fused = t[f"reference_{key}"], t[f"fused_{key}"]
-            cells += [f"{ref * 1e3:.1f}", f"{fused * 1e3:.1f}", f"{ref / fused:.2f}x"]
-        cells += [f"{peaks[impl] / 2**20:.0f}" for impl in IMPLEMENTATIONS]
-        cells += [_diff(t, name) for name in ("out", "value", "locations", "weights")]
-        cells += [f"{t['f32_error']:.1e}", f"{t['f64']:.1e}"]
-        print("| " + " | ".join(cells) + " |", flush=True)
+    print(f"repeats {args.repeats}, interleaved\n")
+    print(HEADER)
+    print("|" + "---|" * HEADER.count(" | ") + "---|")
+    for precision in precisions:
+        for case in cases:
+            print(table_row(case, precision, args), flush=True)
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
     print(
-        "Diff columns: max |fused - reference| in float32 (in parentheses: max |reference|) for\n"
-        "the output and the gradients w.r.t. value, locations and attention weights; 'f32 error\n"
-        "of ref out': max |reference float32 - reference float64| of the output (the rounding\n"
-        "floor); 'max abs diff f64': max |fused - reference| over output and gradients in float64."
+        "Diff columns: max |fused - reference| (in parentheses: max |reference|) for the output\n"
+        "and the gradients w.r.t. value, locations and attention weights, in the row's dtype;\n"
+        "'max rel diff f64': the largest max |fused - reference| / max |reference| over output\n"
+        "and gradients in float64. Memory ratio: fused peak / reference peak."
     )
 
 

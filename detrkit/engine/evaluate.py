@@ -17,7 +17,7 @@ from detrkit.evaluation.coco_eval import CocoEvaluator, CocoMetrics
 from detrkit.structures import Detections, ImageBatch, Target
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_batches(
     model: nn.Module,
     postprocess: nn.Module,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FusedSampling"]
+__all__ = ["FusedSampling", "table_kind", "value_grad_kind"]
 
 _INT32_MAX = 2**31 - 1
 # Devices on which d loss / d folded weight comes from torch.sparse.sampled_addmm.
@@ -62,15 +62,28 @@ class _PaddedLayout:
             views.append(part[:, PAD : PAD + h, PAD : PAD + w])
         return views
 
-    def rows(self, low: Tensor, index_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Table rows of every sample's four neighbours.
+    def padded_corner_rows(self, low_rows: Tensor) -> Tensor:
+        """[N, Lq, M, L, P] padded low rows -> [N, Lq, M, 4, L, P] rows of the four neighbours
+        in the padded table, ordered (y, x), (y, x + 1), (y + 1, x), (y + 1, x + 1)."""
+        num_points = low_rows.shape[-1]
+        widths = torch.tensor([w for _, w in self.padded_shapes], device=low_rows.device)
+        line = (widths.view(-1, 1).expand(-1, num_points) * self.num_heads).to(low_rows.dtype)
+        rows = low_rows.new_empty(*low_rows.shape[:3], 4, *low_rows.shape[3:])
+        rows[:, :, :, 0] = low_rows
+        torch.add(low_rows, self.num_heads, out=rows[:, :, :, 1])
+        torch.add(low_rows, line, out=rows[:, :, :, 2])
+        torch.add(rows[:, :, :, 2], self.num_heads, out=rows[:, :, :, 3])
+        return rows
+
+    def low_rows(self, low: Tensor, index_dtype: torch.dtype) -> Tensor:
+        """Padded-table row of every sample's low neighbour (the value gradient is summed in
+        this index space, where off-map neighbours land in the border).
 
         Args:
             low: [2 (x, y), N, Lq, M, L, P] integer-valued low neighbour, in [-PAD, size].
 
         Returns:
-            low_rows [N, Lq, M, L, P] (row of the low neighbour) and rows
-            [N, Lq, M, 4, L, P], neighbours ordered (y, x), (y, x + 1), (y + 1, x), (y + 1, x + 1).
+            [N, Lq, M, L, P].
         """
         device, num_points = low.device, low.shape[-1]
         # Per-level constants are expanded to [L, P] so that broadcasting them runs over long
@@ -84,14 +97,39 @@ class _PaddedLayout:
         base = base + torch.arange(num_heads, device=device).view(-1, 1, 1)
         low = low.to(index_dtype)
         low_rows = low[1] * (widths * num_heads).to(index_dtype)
-        low_rows.add_(low[0], alpha=num_heads).add_(base.to(index_dtype))
-        rows = low_rows.new_empty(*low_rows.shape[:3], 4, *low_rows.shape[3:])
-        line = (widths * num_heads).to(index_dtype)  # row offset of the next pixel line
-        rows[:, :, :, 0] = low_rows
-        torch.add(low_rows, num_heads, out=rows[:, :, :, 1])
-        torch.add(low_rows, line, out=rows[:, :, :, 2])
-        torch.add(rows[:, :, :, 2], num_heads, out=rows[:, :, :, 3])
-        return low_rows, rows
+        return low_rows.add_(low[0], alpha=num_heads).add_(base.to(index_dtype))
+
+    def corner_rows(self, low: Tensor, index_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Rows of every sample's four neighbours in the *unpadded* table [N * S * M, Dh] (the
+        value tensor itself), each clamped onto its map, and which neighbours are on the map.
+
+        Args:
+            low: [2 (x, y), N, Lq, M, L, P] integer-valued low neighbour, in [-PAD, size].
+
+        Returns:
+            rows [N, Lq, M, 4, L, P] and on_map [2 (x, y), 2 (low, high), N, Lq, M, L, P]
+            bool; neighbours ordered (y, x), (y, x + 1), (y + 1, x), (y + 1, x + 1).
+        """
+        device, num_points = low.device, low.shape[-1]
+        sizes = torch.tensor([[w, h] for h, w in self.shapes], device=device).t()
+        sizes = sizes.view(2, 1, 1, 1, -1, 1).expand(-1, -1, -1, -1, -1, num_points)
+        neighbours = torch.stack((low, low + 1), 1)  # [2 (x, y), 2 (low, high), ...]
+        last = (sizes - 1).to(low).unsqueeze(1)
+        on_map = (neighbours >= 0) & (neighbours <= last)
+        clamped = torch.minimum(neighbours.clamp_(min=0), last).to(index_dtype)
+        starts = torch.tensor([0] + [h * w for h, w in self.shapes[:-1]], device=device)
+        starts = starts.cumsum(0).view(-1, 1)
+        num_heads = self.num_heads
+        base = torch.arange(self.batch, device=device).view(-1, 1, 1, 1, 1) * self.num_tokens
+        base = (base + starts) * num_heads + torch.arange(num_heads, device=device).view(-1, 1, 1)
+        line = (sizes[0] * num_heads).to(index_dtype)
+        columns = clamped[0] * num_heads  # [2 (x, x + 1), ...]
+        lines = clamped[1] * line + base.to(index_dtype)  # [2 (y, y + 1), ...]
+        rows = lines.new_empty(*lines.shape[1:4], 4, *lines.shape[4:])
+        for corner in range(4):
+            dy, dx = divmod(corner, 2)
+            torch.add(lines[dy], columns[dx], out=rows[:, :, :, corner])
+        return rows, on_map
 
 
 def _bilinear(spatial_shapes: Tensor, locations: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -121,6 +159,20 @@ def _bilinear(spatial_shapes: Tensor, locations: Tensor) -> tuple[Tensor, Tensor
     return low, pixel.sub_(low), sizes
 
 
+def table_kind(num_samples: int, num_padded_rows: int) -> str:
+    """What the forward gathers from: "padded", a zero-bordered copy of the values (no
+    per-neighbour masks; the copy is cheap next to the samples, encoder), or "direct", the value
+    tensor itself with off-map neighbours masked (no copy of a large table that few samples
+    read, decoder)."""
+    return "padded" if num_samples >= num_padded_rows else "direct"
+
+
+def value_grad_kind(num_samples: int, num_padded_rows: int) -> str:
+    """How the value gradient is summed: "dense" (every padded row, sliced into place) when
+    there are at least as many samples as rows (encoder), else "sparse" (occupied rows only)."""
+    return "dense" if num_samples >= num_padded_rows else "sparse"
+
+
 class FusedSampling(torch.autograd.Function):
     """Gather-and-sum forward on a zero-bordered value table; hand-written backward.
 
@@ -148,25 +200,32 @@ class FusedSampling(torch.autograd.Function):
         batch, _, num_heads, head_dim = value.shape
         num_queries = locations.shape[1]
         layout = _PaddedLayout(spatial_shapes, batch, num_heads)
-        table = layout.pad(value).view(-1, head_dim)
         # int32 indices (rows, sample numbers, CSR offsets) make the gathers markedly faster.
         fits = max(layout.num_rows, 4 * weights.numel()) < _INT32_MAX
         index_dtype = torch.int32 if fits else torch.int64
         low, frac, sizes = _bilinear(spatial_shapes, locations)
-        low_rows, rows = layout.rows(low, index_dtype)
-        corner_weights = torch.empty_like(rows, dtype=table.dtype)
-        _corner_weights(weights, frac, out=corner_weights.unbind(3))
+        low_rows = layout.low_rows(low, index_dtype)
+        corner_weights = torch.empty(
+            *weights.shape[:3], 4, *weights.shape[3:], dtype=value.dtype, device=value.device
+        )
+        if table_kind(low_rows.numel(), layout.num_rows) == "padded":
+            table = layout.pad(value).view(-1, head_dim)
+            rows, on_map = layout.padded_corner_rows(low_rows), None
+        else:
+            table = value.contiguous().view(-1, head_dim)
+            rows, on_map = layout.corner_rows(low, index_dtype)
+        _corner_weights(weights, frac, out=corner_weights.unbind(3), on_map=on_map)
         entries = (batch * num_queries * num_heads, 4 * locations.shape[3] * locations.shape[4])
         rows, corner_weights = rows.view(entries), corner_weights.view(entries)
         out = F.embedding_bag(rows, table, per_sample_weights=corner_weights, mode="sum")
-        ctx.save_for_backward(table, weights, frac, sizes, rows, low_rows)
+        ctx.save_for_backward(table, weights, frac, sizes, rows, low_rows, on_map)
         ctx.layout = layout
         return out.view(batch, num_queries, num_heads * head_dim)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        table, weights, frac, sizes, rows, low_rows = ctx.saved_tensors
+        table, weights, frac, sizes, rows, low_rows, on_map = ctx.saved_tensors
         layout = ctx.layout
         grad = grad_out.reshape(rows.shape[0], table.shape[-1]).contiguous()
         grad_value = grad_locations = grad_weights = None
@@ -174,10 +233,19 @@ class FusedSampling(torch.autograd.Function):
             grad_corners = _corner_grads(grad, table, rows).view(
                 *weights.shape[:3], 4, *weights.shape[3:]
             )
+            if on_map is not None:
+                # Off-map neighbours read zeros in grid_sample: no gradient flows through them.
+                grad_corners.mul_(_corner_mask(on_map))
             grad_locations, grad_weights = _sample_grads(grad_corners, weights, frac, sizes)
         if ctx.needs_input_grad[0]:
             grad_value = _value_grad(grad, weights, frac, low_rows, layout)
         return grad_value, None, grad_locations, grad_weights
+
+
+def _corner_mask(on_map: Tensor) -> Tensor:
+    """[2 (x, y), 2, N, Lq, M, L, P] bool -> [N, Lq, M, 4, L, P] bool, corners 00, 01, 10, 11."""
+    (x0, x1), (y0, y1) = on_map
+    return torch.stack((y0 & x0, y0 & x1, y1 & x0, y1 & x1), 3)
 
 
 def _corner_grads(grad: Tensor, table: Tensor, rows: Tensor) -> Tensor:
@@ -242,7 +310,10 @@ def _sample_grads(
 
 
 def _corner_weights(
-    weights: Tensor, frac: Tensor, out: tuple[Tensor, ...] | None = None
+    weights: Tensor,
+    frac: Tensor,
+    out: tuple[Tensor, ...] | None = None,
+    on_map: Tensor | None = None,
 ) -> list[Tensor]:
     """The four folded weights a * wy * wx of every sample (neighbours 00, 01, 10, 11).
 
@@ -250,11 +321,16 @@ def _corner_weights(
         weights: a, [...].
         frac: (fx, fy), [2, ...].
         out: optional four tensors [...] to write into.
+        on_map: optional [2 (x, y), 2 (low, high), ...] bool; off-map neighbours get weight 0.
     """
     fx, fy = frac
-    wx0 = 1 - fx
+    wx0, wx1 = 1 - fx, fx
     weight_y0, weight_y1 = (1 - fy).mul_(weights), fy * weights
-    pairs = [(weight_y0, wx0), (weight_y0, fx), (weight_y1, wx0), (weight_y1, fx)]
+    if on_map is not None:
+        (x0, x1), (y0, y1) = on_map
+        wx0, wx1 = wx0.mul_(x0), wx1 * x1
+        weight_y0, weight_y1 = weight_y0.mul_(y0), weight_y1.mul_(y1)
+    pairs = [(weight_y0, wx0), (weight_y0, wx1), (weight_y1, wx0), (weight_y1, wx1)]
     if out is None:
         return [wy * wx for wy, wx in pairs]
     return [torch.mul(wy, wx, out=target) for (wy, wx), target in zip(pairs, out)]
@@ -276,10 +352,13 @@ def _value_grad(
     sorted_rows, order = torch.sort(low_rows.reshape(-1), stable=True)
     order = order.to(low_rows.dtype)
     bags = torch.div(order, samples_per_bag, rounding_mode="floor")
-    # Gathering a, fx, fy and recomputing the four weights beats gathering four weights.
-    sorted_frac = torch.stack([part.reshape(-1).index_select(0, order) for part in frac])
-    sorted_weights = _corner_weights(weights.reshape(-1).index_select(0, order), sorted_frac)
-    if low_rows.numel() >= layout.num_rows:
+    # One gather of packed (a, fx, fy) triples: the gather is bound by cache misses on the
+    # scattered order, so one 12-byte read per sample beats three 4-byte ones, and
+    # recomputing the four corner weights from them beats gathering four.
+    packed = torch.stack((weights.reshape(-1), frac[0].reshape(-1), frac[1].reshape(-1)), 1)
+    sorted_a, sorted_fx, sorted_fy = packed.index_select(0, order).unbind(1)
+    sorted_weights = _corner_weights(sorted_a, torch.stack((sorted_fx, sorted_fy)))
+    if value_grad_kind(low_rows.numel(), layout.num_rows) == "dense":
         return _dense_value_grad(grad, bags, sorted_rows, sorted_weights, layout)
     levels = torch.div(order % samples_per_bag, num_points, rounding_mode="floor")
     return _sparse_value_grad(grad, bags, levels, sorted_rows, sorted_weights, layout)

@@ -40,9 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from detrkit.ops.fused_sampling import FusedSampling
+from detrkit.ops.fused_sampling import PAD, FusedSampling, table_kind, value_grad_kind
 
 __all__ = [
+    "fused_path",
     "ms_deform_attn",
     "ms_deform_attn_fused",
     "ms_deform_attn_reference",
@@ -155,13 +156,41 @@ def ms_deform_attn_fused(
 
 def _fused(value: Tensor, spatial_shapes: Tensor, locations: Tensor, weights: Tensor) -> Tensor:
     """Run :class:`FusedSampling` on batch chunks of at most ~SAMPLES_PER_CHUNK samples."""
-    batch = value.shape[0]
-    samples_per_image = locations[:1, ..., 0].numel()
-    images = max(1, SAMPLES_PER_CHUNK // max(samples_per_image, 1))
+    batch, images = value.shape[0], _images_per_chunk(locations)
     if images >= batch:
         return FusedSampling.apply(value, spatial_shapes, locations, weights)
     chunks = zip(value.split(images), locations.split(images), weights.split(images))
     return torch.cat([FusedSampling.apply(v, spatial_shapes, loc, w) for v, loc, w in chunks])
+
+
+def fused_path(
+    value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, needs_value_grad: bool
+) -> str:
+    """The algorithm :func:`ms_deform_attn_fused` runs for these shapes, in words (benchmarks
+    print it): the images per chunk and how the value gradient is summed.
+
+    Args:
+        value: [N, S, M, Dh].
+        spatial_shapes: [L, 2] (H_l, W_l).
+        sampling_locations: [N, Lq, M, L, P, 2].
+    """
+    batch, _, num_heads, _ = value.shape
+    images = min(batch, _images_per_chunk(sampling_locations))
+    padded = sum((int(h) + 2 * PAD) * (int(w) + 2 * PAD) for h, w in spatial_shapes.tolist())
+    samples = sampling_locations[:images, ..., 0].numel()
+    rows = images * padded * num_heads
+    parts = [
+        f"{table_kind(samples, rows)} table",
+        f"{images} image{'s' if images > 1 else ''}/chunk",
+    ]
+    if needs_value_grad:
+        parts.append(f"{value_grad_kind(samples, rows)} value grad")
+    return ", ".join(parts)
+
+
+def _images_per_chunk(locations: Tensor) -> int:
+    samples_per_image = locations[:1, ..., 0].numel()
+    return max(1, SAMPLES_PER_CHUNK // max(samples_per_image, 1))
 
 
 def ms_deform_attn(

@@ -11,6 +11,7 @@ import torch
 import detrkit.ops.fused_sampling as fused_sampling_module
 import detrkit.ops.ms_deform_attn as ms_deform_attn_module
 from detrkit.ops.ms_deform_attn import (
+    fused_path,
     ms_deform_attn,
     ms_deform_attn_fused,
     ms_deform_attn_reference,
@@ -233,3 +234,16 @@ def test_fused_non_contiguous_inputs():
     out = ms_deform_attn_fused(strided[0], shapes, level_start, strided[1], strided[2])
     expected = ms_deform_attn_reference(value, shapes, level_start, locations, weights)
     torch.testing.assert_close(out, expected, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize(("case", "table"), [("many_queries", "padded"), ("four_levels", "direct")])
+def test_both_tables_match_the_reference_at_the_borders(case, table):
+    """The padded-copy table (encoder-like) and the direct, masked one (decoder-like) both give
+    grid_sample's zero padding, with samples on and beyond the map borders."""
+    inputs = make_inputs(**{**CASES[case], "special_fraction": 0.6})
+    value, shapes, _, locations, _ = inputs
+    assert fused_path(value, shapes, locations, needs_value_grad=True).startswith(table)
+    reference = outputs_and_grads(ms_deform_attn_reference, inputs)
+    fused = outputs_and_grads(ms_deform_attn_fused, inputs)
+    for name, expected, actual in zip(("out", "value", "loc", "weights"), reference, fused):
+        torch.testing.assert_close(actual, expected, **TOLERANCES[torch.float64], msg=name)
