@@ -218,7 +218,11 @@ class FusedSampling(torch.autograd.Function):
         entries = (batch * num_queries * num_heads, 4 * locations.shape[3] * locations.shape[4])
         rows, corner_weights = rows.view(entries), corner_weights.view(entries)
         out = F.embedding_bag(rows, table, per_sample_weights=corner_weights, mode="sum")
-        ctx.save_for_backward(table, weights, frac, sizes, rows, low_rows, on_map)
+        # The padded table's corner rows are four additions away from the low rows: rebuilt in
+        # the backward pass instead of kept (4 indices per sample, for every layer).
+        kept_rows = rows if on_map is not None else None
+        ctx.save_for_backward(table, weights, frac, sizes, kept_rows, low_rows, on_map)
+        ctx.entries = entries
         ctx.layout = layout
         return out.view(batch, num_queries, num_heads * head_dim)
 
@@ -227,6 +231,8 @@ class FusedSampling(torch.autograd.Function):
     def backward(ctx, grad_out):
         table, weights, frac, sizes, rows, low_rows, on_map = ctx.saved_tensors
         layout = ctx.layout
+        if rows is None:
+            rows = layout.padded_corner_rows(low_rows).view(ctx.entries)
         grad = grad_out.reshape(rows.shape[0], table.shape[-1]).contiguous()
         grad_value = grad_locations = grad_weights = None
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
