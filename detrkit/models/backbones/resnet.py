@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -73,7 +72,6 @@ class ResNetBackbone(nn.Module):
                 "trainable BatchNorm would update its running statistics twice"
             )
         self.checkpointing = checkpointing
-        self.fold_norms = norm == "frozen_bn"
         net = getattr(torchvision.models, name)(
             weights=None,
             norm_layer=_NORMS[norm],
@@ -86,8 +84,6 @@ class ResNetBackbone(nn.Module):
             net.layer3,
             net.layer4,
         )
-        if self.fold_norms:
-            _fold_frozen_norms((self.layer1, self.layer2, self.layer3, self.layer4))
         self.return_stages = tuple(return_stages)
         channels = dict(zip(_STAGES, _STAGE_CHANNELS[name]))
         strides = dict(zip(_STAGES, (4, 8, 16, 16 if dilation else 32)))
@@ -100,18 +96,8 @@ class ResNetBackbone(nn.Module):
             param.requires_grad_(trainable and not param_name.startswith(frozen))
 
     def forward(self, pixels: Tensor) -> dict[str, Tensor]:
-        """pixels: [B, 3, H, W] -> {stage: [B, C_s, H / stride_s, W / stride_s]}.
-
-        Frozen BatchNorm is folded into the convolution before it (same numbers up to
-        rounding, two elementwise passes fewer per layer; 1.2x on a ResNet-50 fwd+bwd on CPU).
-        Channels-last was measured too and is slower on CPU, so the maps stay NCHW.
-        """
-        x = pixels
-        if self.fold_norms:
-            x = F.relu(_folded_conv(self.conv1, self.bn1, x), inplace=True)
-        else:
-            x = self.relu(self.bn1(self.conv1(x)))
-        x = self.maxpool(x)
+        """pixels: [B, 3, H, W] -> {stage: [B, C_s, H / stride_s, W / stride_s]}."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(pixels))))
         outputs = {}
         recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for stage, layer in zip(_STAGES, (self.layer1, self.layer2, self.layer3, self.layer4)):
@@ -129,54 +115,6 @@ class ResNetBackbone(nn.Module):
         state = {_strip_prefix(k): v for k, v in state.items()}
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         load_checked(self, state, path, "ResNet")
-
-
-class _FoldedBottleneck(torchvision.models.resnet.Bottleneck):
-    """A torchvision Bottleneck whose FrozenBatchNorm2d layers are folded into its convolutions
-    (same parameters and state-dict keys; the class is swapped in place)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else _folded_downsample(self.downsample, x)
-        out = F.relu(_folded_conv(self.conv1, self.bn1, x), inplace=True)
-        out = F.relu(_folded_conv(self.conv2, self.bn2, out), inplace=True)
-        out = _folded_conv(self.conv3, self.bn3, out)
-        return F.relu(out.add_(identity), inplace=True)
-
-
-class _FoldedBasicBlock(torchvision.models.resnet.BasicBlock):
-    """A torchvision BasicBlock with its FrozenBatchNorm2d layers folded (see above)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else _folded_downsample(self.downsample, x)
-        out = F.relu(_folded_conv(self.conv1, self.bn1, x), inplace=True)
-        out = _folded_conv(self.conv2, self.bn2, out)
-        return F.relu(out.add_(identity), inplace=True)
-
-
-_FOLDED = {
-    torchvision.models.resnet.Bottleneck: _FoldedBottleneck,
-    torchvision.models.resnet.BasicBlock: _FoldedBasicBlock,
-}
-
-
-def _fold_frozen_norms(layers: Sequence[nn.Sequential]) -> None:
-    for layer in layers:
-        for block in layer:
-            block.__class__ = _FOLDED[type(block)]
-
-
-def _folded_downsample(downsample: nn.Sequential, x: Tensor) -> Tensor:
-    conv, norm = downsample
-    return _folded_conv(conv, norm, x)
-
-
-def _folded_conv(conv: nn.Conv2d, norm: FrozenBatchNorm2d, x: Tensor) -> Tensor:
-    """norm(conv(x)) as one convolution: the norm's scale goes into the kernel, its shift into
-    the bias (the norm's buffers are frozen; gradients reach the kernel through the scale)."""
-    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
-    shift = norm.bias - norm.running_mean * scale
-    weight = conv.weight * scale.view(-1, 1, 1, 1)
-    return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def _strip_prefix(key: str) -> str:
