@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -26,7 +27,36 @@ class FFN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., D] -> [..., D]."""
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+        hidden = self.linear1(x)
+        if self.training and self.activation is F.relu and 0 < self.dropout.p < 1:
+            return self.linear2(_ReluDropout.apply(hidden, self.dropout.p))
+        return self.linear2(self.dropout(self.activation(hidden)))
+
+
+class _ReluDropout(torch.autograd.Function):
+    """dropout(relu(x)) in training that keeps only its output for backward.
+
+    The unfused pair keeps relu's output, dropout's mask and dropout's output (which linear2
+    keeps anyway): two of the three widest activations of a transformer layer. An output element
+    is positive exactly where the element was kept and x > 0, the only places with a gradient,
+    so the output alone gives the backward pass: grad * (out > 0) / (1 - p). The forward calls
+    ``F.dropout`` itself, so it draws the same random mask as ``nn.Dropout`` would.
+
+    Shapes: x [...] -> [...].
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:
+        out = F.dropout(F.relu(x), p, training=True)
+        ctx.save_for_backward(out)
+        ctx.scale = 1.0 / (1.0 - p)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (out,) = ctx.saved_tensors
+        return grad.mul(ctx.scale).masked_fill_(out <= 0, 0), None
 
 
 class MLP(nn.Module):
