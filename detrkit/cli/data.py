@@ -18,6 +18,13 @@ def register(commands, add_config, add_run) -> None:
     synth.add_argument("--num-train", type=int, default=64, help="training images")
     synth.add_argument("--num-val", type=int, default=16, help="validation images")
     synth.add_argument("--seed", type=int, default=0, help="random seed of the shapes")
+    synth.add_argument(
+        "--kind",
+        choices=("shapes", "crowded"),
+        default="shapes",
+        help="shapes: 1-4 large shapes of 3 classes; crowded: ~9 mostly small, overlapping "
+        "objects of 12 long-tailed classes per image",
+    )
     synth.set_defaults(run=run_synth)
     _register_check(actions)
 
@@ -71,8 +78,10 @@ def _register_check(actions) -> None:
 
 def run_synth(args) -> int:
     from detrkit.data.synth import write_synthetic_coco
+    from detrkit.data.synth_crowded import write_crowded_coco
 
-    out = write_synthetic_coco(args.out, args.num_train, args.num_val, args.seed)
+    write = write_crowded_coco if args.kind == "crowded" else write_synthetic_coco
+    out = write(args.out, args.num_train, args.num_val, args.seed)
     print(f"synthetic dataset written to {out}", file=sys.stderr)
     return 0
 

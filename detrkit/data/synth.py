@@ -32,7 +32,7 @@ JPEG_EVERY = 4  # every 4th image is a JPEG, the others PNG
 JPEG_QUALITY = 95
 
 
-def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+def background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """[H, W, 3] uint8 grey background: solid, linear gradient or noise."""
     kind = int(rng.integers(3))
     if kind == 0:
@@ -95,7 +95,7 @@ def _keeps_others_visible(owner: np.ndarray, mask: np.ndarray, num_placed: int) 
 
 def _render(rng: np.random.Generator, width: int, height: int) -> tuple[Image.Image, list]:
     """One image and its objects as (class index, [x, y, w, h], visible area)."""
-    pixels = _background(rng, width, height)
+    pixels = background(rng, width, height)
     owner, classes = _place_shapes(rng, width, height)
     objects = []
     for k, shape in enumerate(classes, start=1):
