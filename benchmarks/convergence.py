@@ -1,69 +1,57 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Convergence study: one-to-one vs one-to-many supervision of a tiny Deformable DETR.
+"""Convergence study: do the training schemes make a DETR learn faster, here, beyond seed noise?
 
-Trains the preset ``deformable_detr_tiny`` (ResNet-18 from scratch, D=64, 20 queries, two-stage +
-iterative refinement) on the synthetic shapes of ``detrkit/data/synth.py``, four ways, with the
-same data, seed, schedule and number of epochs:
+Trains every arm of a suite (``benchmarks/convergence_suites.py``) from scratch with several
+seeds, on synthetic data the script writes, and compares each arm with its base:
 
-* ``one_to_one``: the preset as it is (Hungarian matching only);
-* ``hybrid``: + H-DETR hybrid matching, 100 extra one-to-many queries (5x the 20 primary ones,
-  as 1500 / 300 in H-DETR) against the targets repeated k = 6 times;
-* ``mixed``: + MS-DETR mixed supervision with the schema's default options, and the decoder order
-  it needs (cross-attention first); nothing else of the MS-DETR recipe changes;
-* ``both``: hybrid + mixed.
+* ``crowded`` setting: ``detrkit.data.synth_crowded`` (about 9 objects per image, 12
+  long-tailed classes, mostly small objects, occlusion, crowds), Deformable DETR two-stage +
+  refine with D = 128, 3 + 3 layers, 100 queries; arms one-to-one, + hybrid (H-DETR, 500
+  one-to-many queries, k = 6), + mixed (MS-DETR), both, DINO (denoising + mixed query
+  selection) against the same two-stage Deformable DETR, Co-Deformable-DETR against its base,
+  and the controls: the hybrid queries decoded but not supervised (lambda 0), MS-DETR's decoder
+  order alone, DINO without denoising;
+* ``tiny`` setting (round 1's): ``detrkit.data.synth`` (one to four large shapes of 3 classes),
+  D = 64, 20 queries; one-to-one, hybrid, mixed, both, and SMCA against DETR.
 
-``--arms detr smca`` trains the SMCA row next to DETR's: ``detr_tiny`` as is, and the same with
-SMCA's Gaussian-modulated cross-attention and focal classification/matching
-(docs/methods.md#smca-detr), on the
-same data and budget. ``--arms one_to_one_cross_first`` adds a control outside the default
-four: one-to-one with the MS-DETR decoder order, which separates the effect of the order from
-that of the supervision. ``--arms co_deformable_base co_deformable`` trains Co-Deformable-DETR
-(``co_deformable_detr_tiny``: the collaborative RPN/RoI and ATSS heads and their positive
-queries) next to the same detector with the scheme off.
+Every arm trains on the same data (dataset seed 0) with ``train.seed`` = each seed of the suite,
+for the setting's epochs (learning rate dropped at the preset's fraction of its schedule), and is
+evaluated at 1/4, 1/2, 3/4 and the end of its budget. The table gives mean ± standard deviation
+over the seeds of AP at 1/4, 1/2 and the full budget, AP50, and the difference to the base arm at
+the full budget: called "better" or "worse" only when the means differ by more than the two
+standard deviations together. Training seconds exclude evaluations and checkpoint writes; they
+mean something only on an otherwise idle machine.
 
-Each arm runs in this process through ``detrkit.engine.trainer.Trainer`` (on ``--device``, CPU
-by default, with ``train.precision`` set to ``--precision``, fp32 by default: bf16 autocasts the
-model's forward, the trainer keeps the losses in fp32) and is
-evaluated on the validation split every ``--eval-every`` epochs and at the end. AP and AP50 come
-from the ``metrics.jsonl`` the trainer writes in ``OUT/<arm>/``. Training seconds are wall-clock
-seconds of the training loop, without evaluations and checkpoint writes (timed separately); the
-arms may differ in cost (one-to-many queries are decoded and matched too), so the table reports
-seconds per epoch and the figure plots AP against both epochs and training seconds. The learning
-rate drops at the same fraction of the run as in the preset (epoch 32 of 40). Timings mean
-something only on an otherwise idle machine: with torch's threads on every core, a competing
-process can stall single steps by seconds, so the table also gives the median step time and the
-load average before and after.
+Each run is saved as soon as it ends (``OUT/<setting>/<arm>/seed<k>/result.json`` with its
+evaluations, timings and per-epoch loss terms, beside the trainer's ``metrics.jsonl``); a rerun
+skips the runs already there (``--fresh`` retrains them), so a suite can be finished in parts.
+Writes ``OUT/convergence.json``, ``OUT/convergence.png`` (AP vs epoch and vs seconds, bands of
+± one std) and ``OUT/convergence.md`` (the tables), and prints the tables::
 
-The arms share the seed, the data and its order, but not every initial weight: the extra query
-embeddings of ``hybrid`` and the auxiliary FFNs of ``mixed`` draw from the same random stream.
+    .venv/bin/python benchmarks/convergence.py --suite smoke --jobs 2  # every arm, one seed
+    .venv/bin/python benchmarks/convergence.py --suite full --jobs 2   # three seeds per arm
 
-The papers report that one-to-many supervision makes DETRs converge faster; this script only
-measures, on a toy dataset and a toy model, and its numbers are reported as measured, whichever
-way they go. It runs one seed per arm; rerun with other ``--seed`` values to see how much of a
-difference is seed noise.
-
-Writes ``OUT/convergence.json`` (settings, every evaluation and step time),
-``OUT/convergence.png`` and ``OUT/<arm>/`` (the trainer's run folder, with its last checkpoint),
-and prints a Markdown table. The defaults take about 20 minutes on an idle 2-core machine (about
-9 s per epoch per arm)::
-
-    .venv/bin/python benchmarks/convergence.py --epochs 30 --eval-every 3 --images 256 --seed 0 \
-        --out runs/convergence
-
-(``--arms hybrid both`` runs a subset; ``--threads`` sets torch's CPU threads; ``--device cuda``
-and ``--precision bf16`` train on the GPU / in bf16 autocast.)
+``--jobs 2`` trains two runs at once, each in its own process on one of the two threads: on a
+2-core CPU the small ops of these models leave a second thread half idle, so two single-thread
+runs finish more work per hour than one run on two threads; every arm runs under the same
+condition, so their seconds stay comparable. (``--settings``, ``--arms`` and ``--seeds`` take
+subsets; ``--report`` only rebuilds the outputs from the saved runs; ``--device cuda`` and
+``--precision bf16`` train on a GPU / in autocast.)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -72,93 +60,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import check_device, header  # noqa: E402
+from convergence_report import diagnosis_table, markdown_table, plot  # noqa: E402
+from convergence_suites import SUITES, Arm, Setting  # noqa: E402
 
 from detrkit.config.load import load_config  # noqa: E402
 from detrkit.config.schema import ExperimentConfig  # noqa: E402
 from detrkit.data.synth import write_synthetic_coco  # noqa: E402
+from detrkit.data.synth_crowded import write_crowded_coco  # noqa: E402
 from detrkit.engine.logging import read_jsonl  # noqa: E402
 from detrkit.engine.summary import display_epoch  # noqa: E402
 from detrkit.engine.trainer import Trainer  # noqa: E402
 
-PRESET = "deformable_detr_tiny"
-HYBRID = ("model.schemes.hybrid.num_queries=100", "model.schemes.hybrid.repeat_k=6")
-CROSS_FIRST = ("model.decoder.order=[cross_attn,self_attn,ffn]",)
-MIXED = ("model.schemes.mixed={}", *CROSS_FIRST)
-SMCA = (
-    "model.decoder.attention=smca",
-    "model.loss.class_loss=sigmoid_focal",
-    "model.loss.class_weight=2.0",
-    "model.matcher.cost_class=2.0",
-    "model.top_k=20",
-)
-# Arms trained from another preset than ``PRESET``.
-ARM_PRESETS = {
-    "detr": "detr_tiny",
-    "smca": "detr_tiny",
-    "co_deformable_base": "co_deformable_detr_tiny",
-    "co_deformable": "co_deformable_detr_tiny",
-}
-ARMS: dict[str, tuple[str, ...]] = {
-    "one_to_one": (),
-    "hybrid": HYBRID,
-    "mixed": MIXED,
-    "both": HYBRID + MIXED,
-    "one_to_one_cross_first": CROSS_FIRST,
-    # SMCA's row next to DETR's: the same tiny DETR with the Gaussian-modulated cross-attention
-    # and SMCA's focal classification and matching (docs/methods.md#smca-detr), same data and
-    # budget.
-    "detr": (),
-    "smca": SMCA,
-    # Co-Deformable-DETR next to its base: the same tiny two-stage Deformable DETR (look-forward-
-    # twice, mixed selection) without and with the collaborative auxiliary heads and their
-    # positive queries (the preset's lambda_1 = 1, lambda_2 = 2).
-    "co_deformable_base": ("model.schemes.collaborative=null",),
-    "co_deformable": (),
-}
-DEFAULT_ARMS = ("one_to_one", "hybrid", "mixed", "both")
-VAL_IMAGES = 64
-
-
-@dataclass
-class ArmResult:
-    """One arm's evaluations and timings.
-
-    Attributes:
-        evals: one dict per evaluation: epoch, AP, AP50 and the training seconds before it.
-        train_seconds: the training loop's wall-clock seconds (no evaluation, no checkpoints).
-        step_seconds: the trainer's time of each optimiser step (forward, loss, backward, step).
-        eval_seconds, checkpoint_seconds: time spent evaluating and writing checkpoints.
-    """
-
-    name: str
-    overrides: tuple[str, ...]
-    epochs: int
-    evals: list[dict] = field(default_factory=list)
-    train_seconds: float = 0.0
-    step_seconds: list[float] = field(default_factory=list)
-    eval_seconds: float = 0.0
-    checkpoint_seconds: float = 0.0
-
-    @property
-    def seconds_per_epoch(self) -> float:
-        return self.train_seconds / self.epochs
-
-    @property
-    def median_step_seconds(self) -> float:
-        return statistics.median(self.step_seconds)
-
-    def to_dict(self) -> dict:
-        return dict(
-            name=self.name,
-            overrides=list(self.overrides),
-            evals=self.evals,
-            train_seconds=self.train_seconds,
-            seconds_per_epoch=self.seconds_per_epoch,
-            median_step_seconds=self.median_step_seconds,
-            step_seconds=self.step_seconds,
-            eval_seconds=self.eval_seconds,
-            checkpoint_seconds=self.checkpoint_seconds,
-        )
+DATASETS = {"crowded": write_crowded_coco, "shapes": write_synthetic_coco}
+DATA_SEED = 0
 
 
 class TimedTrainer(Trainer):
@@ -196,134 +110,255 @@ class TimedTrainer(Trainer):
         return metrics
 
 
-def write_data(root: Path, num_train: int, seed: int) -> Path:
-    """A fresh synthetic COCO folder (the same arguments always give the same files)."""
-    shutil.rmtree(root, ignore_errors=True)
-    return write_synthetic_coco(root, num_train, VAL_IMAGES, seed=seed).resolve()
+def data_root(setting: Setting, out: Path) -> Path:
+    """The setting's synthetic COCO folder, written once (same arguments, same files)."""
+    root = out / "data" / f"{setting.dataset}_{setting.train_images}_{setting.val_images}"
+    marker = root / "complete"
+    if not marker.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        DATASETS[setting.dataset](root, setting.train_images, setting.val_images, seed=DATA_SEED)
+        marker.write_text("written\n")
+    return root.resolve()
 
 
-def shared_overrides(arm: str, data_root: Path, args: argparse.Namespace) -> tuple[str, ...]:
-    """What every arm changes in the preset: data, seed, schedule, logging of every step."""
-    preset = load_config(ARM_PRESETS.get(arm, PRESET)).train
-    lr_drop = max(1, round(args.epochs * preset.lr_drop / preset.epochs))
+def shared_overrides(setting: Setting, arm: Arm, root: Path, seed: int, args) -> tuple[str, ...]:
+    """What every arm of a setting changes in its preset: data, size, seed, schedule, logging."""
+    preset = load_config(arm.preset).train
+    lr_drop = max(1, round(setting.epochs * preset.lr_drop / preset.epochs))
     return (
-        f"data.root={data_root}",
-        f"train.epochs={args.epochs}",
-        f"train.eval_every={args.eval_every}",
+        f"data.root={root}",
+        *setting.model,
+        f"train.epochs={setting.epochs}",
+        f"train.eval_every={setting.eval_every}",
         f"train.lr_drop={lr_drop}",
-        f"train.seed={args.seed}",
+        f"train.seed={seed}",
         f"train.precision={args.precision}",
         "train.keep_last=1",
         "train.log_every=1",
     )
 
 
-def arm_config(arm: str, data_root: Path, args: argparse.Namespace) -> ExperimentConfig:
-    """The preset with the study's shared overrides and then the arm's own."""
-    preset = ARM_PRESETS.get(arm, PRESET)
-    return load_config(preset, [*shared_overrides(arm, data_root, args), *ARMS[arm]])
+def arm_config(setting: Setting, arm: Arm, root: Path, seed: int, args) -> ExperimentConfig:
+    """The preset with the setting's overrides and then the arm's own."""
+    overrides = [*shared_overrides(setting, arm, root, seed, args), *arm.overrides]
+    return load_config(arm.preset, overrides)
 
 
-def run_arm(arm: str, data_root: Path, args: argparse.Namespace) -> ArmResult:
-    """Train one arm from scratch in ``OUT/<arm>`` and collect its evaluations."""
-    cfg = arm_config(arm, data_root, args)
-    run_dir = args.out / arm
+def epoch_means(records: list[dict]) -> dict[str, list[float]]:
+    """Per-epoch means of every logged scalar of the train records (loss terms per group,
+    grad_norm, lr), for diagnosing an arm after the fact."""
+    by_epoch: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        if record.get("kind") != "train":
+            continue
+        epoch = int(record["epoch"] - 1e-9) if record["epoch"] > 0 else 0
+        for key, value in record.items():
+            if key not in ("kind", "epoch", "step", "steps", "skipped") and value is not None:
+                by_epoch[epoch][key].append(float(value))
+    keys = sorted({k for values in by_epoch.values() for k in values})
+    epochs = sorted(by_epoch)
+    return {
+        k: [statistics.fmean(by_epoch[e][k]) if by_epoch[e][k] else None for e in epochs]
+        for k in keys
+    }
+
+
+def train_one(setting: Setting, arm: Arm, seed: int, root: Path, args) -> dict:
+    """Train one arm with one seed in its own folder and return (and save) its result."""
+    run_dir = args.out / setting.name / arm.name / f"seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = arm_config(setting, arm, root, seed, args)
     trainer = TimedTrainer(cfg, run_dir, device=args.device)
     trainer.fit()
-    result = ArmResult(
-        arm,
-        ARMS[arm],
-        args.epochs,
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    steps = [r["seconds"] for r in records if r.get("kind") == "train"]
+    evals = [
+        dict(
+            epoch=r["epoch"],
+            AP=r["AP"],
+            AP50=r["AP50"],
+            train_seconds=trainer.eval_train_seconds[r["epoch"]],
+        )
+        for r in records
+        if r.get("kind") == "eval"
+    ]
+    result = dict(
+        setting=setting.name,
+        arm=arm.name,
+        seed=seed,
+        evals=evals,
         train_seconds=trainer.total_seconds - trainer.eval_seconds - trainer.checkpoint_seconds,
+        median_step_seconds=statistics.median(steps),
         eval_seconds=trainer.eval_seconds,
         checkpoint_seconds=trainer.checkpoint_seconds,
+        per_epoch=epoch_means(records),
     )
-    for record in read_jsonl(run_dir / "metrics.jsonl"):
-        if record.get("kind") == "train":
-            result.step_seconds.append(record["seconds"])
-        if record.get("kind") == "eval":
-            epoch, seconds = record["epoch"], trainer.eval_train_seconds[record["epoch"]]
-            result.evals.append(
-                dict(epoch=epoch, AP=record["AP"], AP50=record["AP50"], train_seconds=seconds)
-            )
+    for checkpoint in run_dir.glob("*.safetensors"):
+        checkpoint.unlink()  # the study keeps numbers, not weights
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
-def markdown_table(results: list[ArmResult]) -> str:
-    """arm | final AP | final AP50 | best AP | AP at each evaluated epoch | training cost."""
-    epochs = sorted({e["epoch"] for r in results for e in r.evals})
-    header = ["arm", "final AP", "final AP50", "best AP", *[f"AP @{e}" for e in epochs]]
-    header += ["train s/epoch", "median s/step", "train min"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in results:
-        at = {e["epoch"]: e["AP"] for e in r.evals}
-        final = r.evals[-1]
-        cells = [r.name, f"{final['AP']:.3f}", f"{final['AP50']:.3f}"]
-        cells.append(f"{max(at.values()):.3f}")
-        cells += [f"{at[e]:.3f}" if e in at else "-" for e in epochs]
-        cells += [f"{r.seconds_per_epoch:.1f}", f"{r.median_step_seconds:.3f}"]
-        cells.append(f"{r.train_seconds / 60:.1f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def selected(args) -> tuple[list[Setting], tuple[int, ...]]:
+    suite = SUITES[args.suite]
+    settings = [s for s in suite["settings"] if not args.settings or s.name in args.settings]
+    if args.arms:
+        settings = [
+            dataclasses.replace(s, arms=tuple(a for a in s.arms if a.name in args.arms))
+            for s in settings
+        ]
+    return settings, tuple(args.seeds or suite["seeds"])
 
 
-def plot(results: list[ArmResult], out_png: Path) -> None:
-    """AP against epoch (left) and against training seconds (right), one line per arm."""
-    # The object-oriented API with the Agg canvas, as in detrkit/visualize.py.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    figure = Figure(figsize=(11, 4), layout="constrained")
-    FigureCanvasAgg(figure)
-    by_epoch, by_time = figure.subplots(1, 2, sharey=True)
-    for r in results:
-        aps = [e["AP"] for e in r.evals]
-        by_epoch.plot([e["epoch"] for e in r.evals], aps, marker="o", label=r.name)
-        by_time.plot([e["train_seconds"] for e in r.evals], aps, marker="o", label=r.name)
-    by_epoch.set(title="AP vs epoch", xlabel="epoch", ylabel="COCO box AP (val)")
-    by_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
-    by_time.set(title="AP vs training time", xlabel="training seconds (CPU)")
-    for axes in (by_epoch, by_time):
-        axes.grid(alpha=0.3)
-        axes.legend()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_png, format="png", dpi=100)
+def pending(
+    settings: list[Setting], seeds: tuple[int, ...], args
+) -> list[tuple[Setting, Arm, int]]:
+    """The runs not saved yet, seeds outermost, so that a suite cut short still has every arm
+    at the first seeds."""
+    runs = []
+    for seed in seeds:
+        for setting in settings:
+            for arm in setting.arms:
+                path = args.out / setting.name / arm.name / f"seed{seed}" / "result.json"
+                if args.fresh or not path.exists():
+                    runs.append((setting, arm, seed))
+    return runs
 
 
-def settings(data_root: Path, args: argparse.Namespace) -> dict:
-    """The study's shared settings, as saved in the JSON."""
+def run_in_worker(setting: Setting, arm: Arm, seed: int, args) -> dict:
+    """One run in a worker process of ``--jobs``, on the worker's share of the CPU threads."""
+    torch.set_num_threads(args.threads_per_job)
+    return train_one(setting, arm, seed, data_root(setting, args.out), args)
+
+
+def run_all(settings: list[Setting], seeds: tuple[int, ...], args) -> None:
+    """Train every pending run, ``--jobs`` at a time (each in its own process when > 1)."""
+    runs = pending(settings, seeds, args)
+    for setting in settings:
+        data_root(setting, args.out)  # once, before any worker reads it
+    if args.jobs == 1:
+        for setting, arm, seed in runs:
+            print(f"training {setting.name}/{arm.name} seed {seed} ...", flush=True)
+            _report_run(train_one(setting, arm, seed, data_root(setting, args.out), args))
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        futures = [
+            pool.submit(run_in_worker, setting, arm, seed, args) for setting, arm, seed in runs
+        ]
+        print(f"training {len(runs)} runs, {args.jobs} at a time ...", flush=True)
+        for future in as_completed(futures):
+            _report_run(future.result())
+
+
+def _report_run(result: dict) -> None:
+    final = result["evals"][-1]
+    print(
+        f"  {result['setting']}/{result['arm']} seed {result['seed']}: AP {final['AP']:.3f}, "
+        f"{result['train_seconds']:.0f} s training",
+        flush=True,
+    )
+
+
+def collect(
+    settings: list[Setting], seeds: tuple[int, ...], out: Path
+) -> dict[str, dict[str, list[dict]]]:
+    """The saved results of the selected runs, by setting and arm."""
+    runs: dict[str, dict[str, list[dict]]] = {s.name: {} for s in settings}
+    for setting in settings:
+        for arm in setting.arms:
+            paths = [out / setting.name / arm.name / f"seed{k}" / "result.json" for k in seeds]
+            found = [json.loads(p.read_text()) for p in paths if p.exists()]
+            if found:
+                runs[setting.name][arm.name] = found
+    return runs
+
+
+def describe(setting: Setting) -> dict:
     return dict(
-        preset=PRESET,
-        overrides=list(shared_overrides("one_to_one", data_root, args)),
-        arm_presets=ARM_PRESETS,
-        epochs=args.epochs,
-        eval_every=args.eval_every,
-        train_images=args.images,
-        val_images=VAL_IMAGES,
-        seed=args.seed,
+        name=setting.name,
+        dataset=setting.dataset,
+        train_images=setting.train_images,
+        val_images=setting.val_images,
+        epochs=setting.epochs,
+        eval_every=setting.eval_every,
+        model=list(setting.model),
+        arms=[dataclasses.asdict(a) for a in setting.arms],
+    )
+
+
+def report(settings: list[Setting], seeds: tuple[int, ...], args, info: dict) -> str:
+    """Write the JSON, the figure and the Markdown tables of the saved runs; return the tables."""
+    runs = collect(settings, seeds, args.out)
+    described = [describe(s) for s in settings]
+    tables = []
+    for setting in described:
+        title = (
+            f"**{setting['name']}** ({setting['dataset']} data, {setting['train_images']} train / "
+            f"{setting['val_images']} val images, {setting['epochs']} epochs, seeds "
+            f"{', '.join(map(str, seeds))})"
+        )
+        table = markdown_table(setting, runs[setting["name"]])
+        losses = diagnosis_table(setting, runs[setting["name"]])
+        tables.append(
+            f"{title}\n\n{table}\n\nOne-to-one group, last epoch, mean over the seeds:\n\n{losses}"
+        )
+    text = "\n\n".join(tables)
+    summary = dict(
+        suite=args.suite,
+        seeds=list(seeds),
+        settings=described,
         device=args.device,
         precision=args.precision,
-        threads=torch.get_num_threads(),
         torch=torch.__version__,
+        **info,
+        runs=runs,
     )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "convergence.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (args.out / "convergence.md").write_text(text + "\n")
+    plot(described, runs, args.out / "convergence.png")
+    return text
+
+
+def previous_run_info(out: Path) -> dict | None:
+    """Load average, jobs, threads and wall minutes of the last training invocation's report."""
+    path = out / "convergence.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    keys = ("load_average", "jobs", "threads_per_run", "wall_minutes")
+    return {k: saved[k] for k in keys if k in saved} or None
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=30, help="epochs per arm")
-    parser.add_argument("--eval-every", type=int, default=3, help="evaluate every N epochs")
-    parser.add_argument("--images", type=int, default=256, help="synthetic training images")
-    parser.add_argument("--seed", type=int, default=0, help="data and training seed")
-    parser.add_argument("--out", type=Path, default=Path("runs/convergence"))
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(DEFAULT_ARMS))
+    parser.add_argument("--suite", choices=tuple(SUITES), default="smoke")
+    parser.add_argument("--settings", nargs="+", help="a subset of the suite's settings")
+    parser.add_argument("--arms", nargs="+", help="a subset of the arms (by name)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="instead of the suite's seeds")
+    parser.add_argument("--out", type=Path, help="default runs/convergence/<suite>")
+    parser.add_argument("--fresh", action="store_true", help="retrain runs already saved")
+    parser.add_argument("--report", action="store_true", help="only rebuild the outputs")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs trained at once, each in its own process"
+    )
     args = parser.parse_args()
-    if args.epochs < 1 or args.eval_every < 1:
-        parser.error("--epochs and --eval-every must be at least 1")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    total_threads = args.threads or torch.get_num_threads()
+    args.threads_per_job = max(1, total_threads // args.jobs)
+    args.out = args.out or Path("runs/convergence") / args.suite
+    known = {a.name for s in SUITES[args.suite]["settings"] for a in s.arms}
+    unknown = sorted(set(args.arms or ()) - known)
+    if unknown:
+        parser.error(
+            f"--arms: unknown {', '.join(unknown)}; the suite has {', '.join(sorted(known))}"
+        )
     return args
 
 
@@ -332,30 +367,29 @@ def main() -> None:
     check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    settings, seeds = selected(args)
     load_before = os.getloadavg()[0]
-    data_root = write_data(args.out / "data", args.images, args.seed)
-    results = []
-    for arm in args.arms:
-        print(f"training {arm} ...", flush=True)
-        results.append(run_arm(arm, data_root, args))
-        print(f"  {results[-1].train_seconds:.0f} s training", flush=True)
-    load = dict(before=load_before, after=os.getloadavg()[0])
-    report = dict(
-        settings=settings(data_root, args), load_average=load, arms=[r.to_dict() for r in results]
+    started = time.perf_counter()
+    if not args.report:
+        run_all(settings, seeds, args)
+    threads = args.threads_per_job if args.jobs > 1 else torch.get_num_threads()
+    minutes = (time.perf_counter() - started) / 60
+    info = dict(
+        load_average=dict(before=load_before, after=os.getloadavg()[0]),
+        jobs=args.jobs,
+        threads_per_run=threads,
+        wall_minutes=minutes,
     )
-    (args.out / "convergence.json").write_text(json.dumps(report, indent=1) + "\n")
-    plot(results, args.out / "convergence.png")
+    if args.report:  # keep what the training invocation recorded of itself
+        info = previous_run_info(args.out) or info
+    text = report(settings, seeds, args, info)
+    load = info["load_average"]
     print(
-        f"\n{', '.join(sorted({ARM_PRESETS.get(a, PRESET) for a in args.arms}))} on "
-        f"{args.images} synthetic images ({VAL_IMAGES} val), {args.epochs} epochs, "
-        f"seed {args.seed}; 1-minute load average {load['before']:.2f} before, "
-        f"{load['after']:.2f} after\n{header(args.device, args.precision)}\n"
-    )
-    print(markdown_table(results))
-    print(
-        "\ntrain s/epoch: wall-clock of the training loop (data loading included; evaluations\n"
-        "and checkpoint writes excluded); median s/step: median over the trainer's timed steps\n"
-        "(forward, matching, loss, backward, optimiser), robust to brief interference.\n"
+        f"\nsuite {args.suite}: {minutes:.1f} min; 1-minute load average {load['before']:.2f} "
+        f"before, {load['after']:.2f} after; {args.jobs} run(s) at a time, {threads} "
+        f"thread(s) each\n{header(args.device, args.precision)}\n\n{text}\n\n"
+        "Δ AP: arm mean minus base mean at the full budget; verdict: better / worse only when\n"
+        "|Δ| exceeds the two arms' standard deviations together (sample std over the seeds).\n"
         f"figure: {args.out / 'convergence.png'}; numbers: {args.out / 'convergence.json'}"
     )
 

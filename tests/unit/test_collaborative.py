@@ -230,3 +230,23 @@ def test_deformable_positive_queries_train_with_constant_positions():
 def test_positive_query_style_is_checked(config, overrides, message):
     with pytest.raises(UserError, match=message):
         build_model(load_config(config, COLLABORATIVE + overrides).model, 3)
+
+
+def test_non_default_lambdas_scale_the_weights_as_the_official_configs():
+    """lambda_2 multiplies every dense weight (with the layer count), lambda_1 the positive-query
+    terms; neither changes a term's value, so the official loss dict is w x term either way."""
+    cfg, model = _model()
+    default = build_criterion(cfg, 3)(model(_images(), _targets()), _targets())
+    prefix = "model.schemes.collaborative"
+    cfg2, model2 = _model([f"{prefix}.lambda_1=0.5", f"{prefix}.lambda_2=3.0"])
+    scaled = build_criterion(cfg2, 3)(model2(_images(), _targets()), _targets())
+    assert set(scaled.terms) == set(default.terms)
+    assert {"aux0/roi_bbox", "aux1/atss_cls/l0", "aux0/cls/d1", "aux1/giou/d0"} <= set(scaled.terms)
+    for name, weight in default.weights.items():
+        if name.startswith(("aux0/rpn", "aux0/roi", "aux1/atss")):
+            assert scaled.weights[name] == pytest.approx(weight * 3.0 / 2.0), name
+        elif name.startswith(("aux0/", "aux1/")):  # positive-query terms
+            factor = scaled.weights[name] * scaled.terms[name] / (weight * default.terms[name])
+            assert factor.item() == pytest.approx(0.5, rel=1e-5), name
+        else:
+            assert scaled.weights[name] == weight, name

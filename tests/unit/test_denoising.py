@@ -241,3 +241,19 @@ def test_denoising_composes(overrides):
 def test_denoising_needs_reference_boxes(base, message):
     with pytest.raises(UserError, match=message):
         build_model(load_config(base, TINY + DENOISING).model, 3)
+
+
+def test_non_default_loss_weights_carry_over_to_the_dn_terms_as_the_official_dict():
+    """DINO's weight dict gives every ``*_dn`` key the matching term's coefficient, so with
+    non-default coefficients each dn term is weighted exactly as the main term of its layer."""
+    weights = ["model.loss.class_weight=3.0", "model.loss.bbox_weight=7.0"]
+    weights.append("model.loss.giou_weight=0.5")
+    cfg, model = _model(weights)
+    losses = build_criterion(cfg, 3)(model(_images(), _targets()), _targets())
+    dn_terms = [name for name in losses.terms if name.startswith("dn/")]
+    assert len(dn_terms) == 3 * 2  # cls, l1, giou on both decoder layers
+    expected = {"cls": 3.0, "l1": 7.0, "giou": 0.5}
+    for name in dn_terms:
+        term = name.split("/")[1]
+        assert losses.weights[name] == losses.weights[f"main/{term}/{name.split('/')[2]}"]
+        assert losses.weights[name] == expected[term]
