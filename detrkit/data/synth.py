@@ -11,6 +11,7 @@ few CPU minutes. Output is a function of the arguments only.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,40 +112,51 @@ def _render(rng: np.random.Generator, width: int, height: int) -> tuple[Image.Im
     return Image.fromarray(pixels, mode="RGB"), objects
 
 
-def _write_split(
-    root: Path, split: str, num_images: int, rng: np.random.Generator, size_range: tuple[int, int]
+# render(rng, width, height) -> (image, [(category id, [x, y, w, h], visible area), ...])
+Renderer = Callable[[np.random.Generator, int, int], tuple[Image.Image, list]]
+
+
+def write_split(
+    root: Path,
+    split: str,
+    num_images: int,
+    rng: np.random.Generator,
+    size_range: tuple[int, int],
+    render: Renderer,
+    categories: list[dict[str, Any]],
+    description: str,
+    jpeg_every: int | None = JPEG_EVERY,
 ) -> None:
+    """Render ``num_images`` images into ``root/split`` and write their COCO annotation file
+    ``root/annotations/instances_{split}.json``; every ``jpeg_every``-th image is a JPEG
+    (None: all PNG). Shared by the synthetic datasets."""
     images_dir = root / split
     images_dir.mkdir(parents=True, exist_ok=True)
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     for image_id in range(1, num_images + 1):
         width, height = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
-        image, objects = _render(rng, width, height)
-        ext = ".jpg" if image_id % JPEG_EVERY == 0 else ".png"
-        file_name = f"{image_id:06d}{ext}"
-        if ext == ".jpg":
+        image, objects = render(rng, width, height)
+        jpeg = jpeg_every is not None and image_id % jpeg_every == 0
+        file_name = f"{image_id:06d}{'.jpg' if jpeg else '.png'}"
+        if jpeg:
             image.save(images_dir / file_name, quality=JPEG_QUALITY)
         else:
             image.save(images_dir / file_name)
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-        for shape, box, area in objects:
+        for category_id, box, area in objects:
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": image_id,
-                    "category_id": CATEGORY_IDS[shape],
+                    "category_id": category_id,
                     "bbox": box,
                     "area": area,
                     "iscrowd": 0,
                 }
             )
-    categories = [
-        {"id": cat_id, "name": name, "supercategory": "shape"}
-        for cat_id, name in zip(CATEGORY_IDS, SHAPES, strict=True)
-    ]
     coco = {
-        "info": {"description": "detrkit synthetic shapes", "version": "1.0"},
+        "info": {"description": description, "version": "1.0"},
         "licenses": [],
         "images": images,
         "annotations": annotations,
@@ -153,6 +165,40 @@ def _write_split(
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     with open(root / "annotations" / f"instances_{split}.json", "w", encoding="utf-8") as f:
         json.dump(coco, f, indent=1)
+
+
+def write_dataset(
+    out_dir: Path,
+    counts: tuple[int, int],
+    seed_key: list[int],
+    size_range: tuple[int, int],
+    render: Renderer,
+    categories: list[dict[str, Any]],
+    description: str,
+    jpeg_every: int | None = JPEG_EVERY,
+) -> Path:
+    """Write the train and val splits (``counts`` images) with ``write_split``; each split draws
+    from its own stream ``seed_key[0], split index, *seed_key[1:]``, so the train count never
+    changes the validation images. Returns ``out_dir``."""
+    if min(counts) < 0:
+        raise ValueError("image counts must be >= 0")
+    root = Path(out_dir)
+    for stream, (split, count) in enumerate(zip(("train", "val"), counts, strict=True)):
+        rng = np.random.default_rng([seed_key[0], stream, *seed_key[1:]])
+        args = (root, split, count, rng, size_range, render, categories, description)
+        write_split(*args, jpeg_every=jpeg_every)
+    return root
+
+
+def _render_with_ids(rng: np.random.Generator, width: int, height: int) -> tuple[Image.Image, list]:
+    image, objects = _render(rng, width, height)
+    return image, [(CATEGORY_IDS[shape], box, area) for shape, box, area in objects]
+
+
+CATEGORIES = [
+    {"id": cat_id, "name": name, "supercategory": "shape"}
+    for cat_id, name in zip(CATEGORY_IDS, SHAPES, strict=True)
+]
 
 
 def write_synthetic_coco(
@@ -175,10 +221,12 @@ def write_synthetic_coco(
     """
     if not 16 <= min_size <= max_size:
         raise ValueError(f"need 16 <= min_size <= max_size, got {min_size}, {max_size}")
-    if num_train < 0 or num_val < 0:
-        raise ValueError("image counts must be >= 0")
-    root = Path(out_dir)
-    for stream, (split, count) in enumerate((("train", num_train), ("val", num_val))):
-        rng = np.random.default_rng([seed, stream])
-        _write_split(root, split, count, rng, (min_size, max_size))
-    return root
+    return write_dataset(
+        out_dir,
+        (num_train, num_val),
+        [seed],
+        (min_size, max_size),
+        _render_with_ids,
+        CATEGORIES,
+        "detrkit synthetic shapes",
+    )

@@ -17,14 +17,12 @@ Output is a function of the arguments only.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from detrkit.data.synth import background
+from detrkit.data.synth import background, write_dataset
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLOURS = {"red": (215, 55, 45), "green": (55, 185, 65), "blue": (55, 85, 225)}
@@ -136,37 +134,15 @@ def _render(rng: np.random.Generator, width: int, height: int) -> tuple[Image.Im
     return Image.fromarray(pixels, mode="RGB"), objects
 
 
-def _write_split(
-    root: Path, split: str, num_images: int, rng: np.random.Generator, size_range: tuple[int, int]
-) -> None:
-    images_dir = root / split
-    images_dir.mkdir(parents=True, exist_ok=True)
-    images: list[dict[str, Any]] = []
-    annotations: list[dict[str, Any]] = []
-    for image_id in range(1, num_images + 1):
-        width, height = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
-        image, objects = _render(rng, width, height)
-        file_name = f"{image_id:06d}.png"
-        image.save(images_dir / file_name)
-        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-        for label, box, area in objects:
-            annotation = {"id": len(annotations) + 1, "image_id": image_id, "bbox": box}
-            annotation.update(category_id=CATEGORY_IDS[label], area=area, iscrowd=0)
-            annotations.append(annotation)
-    categories = [
-        {"id": cat_id, "name": f"{colour} {shape}", "supercategory": shape}
-        for cat_id, (colour, shape) in zip(CATEGORY_IDS, CLASSES, strict=True)
-    ]
-    coco = {
-        "info": {"description": "detrkit synthetic crowded shapes", "version": "1.0"},
-        "licenses": [],
-        "images": images,
-        "annotations": annotations,
-        "categories": categories,
-    }
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    with open(root / "annotations" / f"instances_{split}.json", "w", encoding="utf-8") as f:
-        json.dump(coco, f)
+def _render_with_ids(rng: np.random.Generator, width: int, height: int) -> tuple[Image.Image, list]:
+    image, objects = _render(rng, width, height)
+    return image, [(CATEGORY_IDS[label], box, area) for label, box, area in objects]
+
+
+CATEGORIES = [
+    {"id": cat_id, "name": f"{colour} {shape}", "supercategory": shape}
+    for cat_id, (colour, shape) in zip(CATEGORY_IDS, CLASSES, strict=True)
+]
 
 
 def write_crowded_coco(
@@ -187,10 +163,13 @@ def write_crowded_coco(
     """
     if not 32 <= min_size <= max_size:
         raise ValueError(f"need 32 <= min_size <= max_size, got {min_size}, {max_size}")
-    if num_train < 0 or num_val < 0:
-        raise ValueError("image counts must be >= 0")
-    root = Path(out_dir)
-    for stream, (split, count) in enumerate((("train", num_train), ("val", num_val))):
-        rng = np.random.default_rng([seed, stream, 1])
-        _write_split(root, split, count, rng, (min_size, max_size))
-    return root
+    return write_dataset(
+        out_dir,
+        (num_train, num_val),
+        [seed, 1],  # streams apart from the shapes dataset's
+        (min_size, max_size),
+        _render_with_ids,
+        CATEGORIES,
+        "detrkit synthetic crowded shapes",
+        jpeg_every=None,
+    )
