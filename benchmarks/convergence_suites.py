@@ -116,6 +116,14 @@ def one_to_many_arms(num_queries: int) -> tuple[Arm, ...]:
 TINY_QUERIES = 20
 TINY_ARMS = (
     *one_to_many_arms(TINY_QUERIES),
+    # Sensitivity to H-DETR's lambda (its ablations use 0.1-5): a quarter of the default weight.
+    Arm(
+        "hybrid_lambda_quarter",
+        "deformable_detr_tiny",
+        hybrid(5 * TINY_QUERIES, loss_weight=0.25),
+        "one_to_one",
+        "diagnosis: H-DETR with lambda_one2many 0.25",
+    ),
     Arm("detr", "detr_tiny"),
     Arm("smca", "detr_tiny", (*SMCA, f"model.top_k={TINY_QUERIES}"), "detr", "SMCA"),
 )
