@@ -163,9 +163,14 @@ def epoch_means(records: list[dict]) -> dict[str, list[float]]:
     }
 
 
+def run_dir_of(out: Path, setting: Setting, arm: Arm, seed: int) -> Path:
+    """The folder of one run; its ``result.json`` marks the run as done."""
+    return out / setting.name / arm.name / f"seed{seed}"
+
+
 def train_one(setting: Setting, arm: Arm, seed: int, root: Path, args) -> dict:
     """Train one arm with one seed in its own folder and return (and save) its result."""
-    run_dir = args.out / setting.name / arm.name / f"seed{seed}"
+    run_dir = run_dir_of(args.out, setting, arm, seed)
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = arm_config(setting, arm, root, seed, args)
     trainer = TimedTrainer(cfg, run_dir, device=args.device)
@@ -220,8 +225,8 @@ def pending(
     for seed in seeds:
         for setting in settings:
             for arm in setting.arms:
-                path = args.out / setting.name / arm.name / f"seed{seed}" / "result.json"
-                if args.fresh or not path.exists():
+                done = (run_dir_of(args.out, setting, arm, seed) / "result.json").exists()
+                if args.fresh or not done:
                     runs.append((setting, arm, seed))
     return runs
 
@@ -268,7 +273,7 @@ def collect(
     runs: dict[str, dict[str, list[dict]]] = {s.name: {} for s in settings}
     for setting in settings:
         for arm in setting.arms:
-            paths = [out / setting.name / arm.name / f"seed{k}" / "result.json" for k in seeds]
+            paths = [run_dir_of(out, setting, arm, k) / "result.json" for k in seeds]
             found = [json.loads(p.read_text()) for p in paths if p.exists()]
             if found:
                 runs[setting.name][arm.name] = found
